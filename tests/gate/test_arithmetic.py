@@ -1,0 +1,159 @@
+"""Eq. 2-3, 9, 15-21 on cases small enough to check by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from tsft.gate import GateConfig, ThresholdOptimizer, add_token_gates, sparsity_report
+from tsft.gate.function import GatedUpdate, update_and_mask
+
+from .conftest import OneLinear
+
+# Identity base, LoRA r=1 with A = [1, 0], B = [1, 0]^T, scaling 1: delta(x) = (x0, 0).
+# token   x            base        delta      r = |x0| / ||x||
+#   1   (1, 0)       (1, 0)      (1, 0)     1
+#   2   (0.1, 1)     (0.1, 1)    (0.1, 0)   0.1/sqrt(1.01) = 0.0995
+#   3   (0.5, 0.5)   (0.5, 0.5)  (0.5, 0)   0.7071
+TOKENS = torch.tensor([[[1.0, 0.0], [0.1, 1.0], [0.5, 0.5]]])
+# dL/dh per token, chosen so that mu = <c_i, delta_i> = (1, -0.1, -1).
+COTANGENT = torch.tensor([[[1.0, 0.0], [-1.0, 5.0], [-2.0, 0.0]]])
+
+
+def hand_model(tau: float, lam: float = 0.01, s: float = 0.1, adam: bool = True):
+    pm = get_peft_model(OneLinear(), LoraConfig(r=1, lora_alpha=1, target_modules=["proj"], init_lora_weights=False))
+    layer = pm.base_model.model.proj
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(torch.tensor([[1.0, 0.0]]))
+        layer.lora_B["default"].weight.copy_(torch.tensor([[1.0], [0.0]]))
+    (gate,) = add_token_gates(pm, GateConfig(lam=lam, s=s, adam=adam))
+    gate.tau.fill_(tau)
+    return pm, gate
+
+
+def backward_once(pm, mask=None):
+    out = pm(TOKENS, attention_mask=mask)
+    (out * COTANGENT).sum().backward()
+    return out
+
+
+def test_gated_forward_by_hand():
+    pm, _ = hand_model(tau=0.5)  # S = (1, 0, 1)
+    with torch.no_grad():
+        out = pm(TOKENS)
+    expected = torch.tensor([[[2.0, 0.0], [0.1, 1.0], [1.0, 0.5]]])
+    torch.testing.assert_close(out, expected)
+
+
+def test_threshold_grad_follows_eq15():
+    pm, gate = hand_model(tau=0.5, lam=0.01)
+    backward_once(pm)
+    # token 1: mu=1 >= 0 and S=1 -> consistent, +1 ; token 2: mu=-0.1 < 0 and S=0 -> consistent, -0.1
+    # token 3: mu=-1 < 0 but S=1 -> masked out ; lambda * (S1 + S3) = 0.02
+    assert float(gate.threshold_grad) == pytest.approx(1 - 0.1 + 0.02, abs=1e-6)
+    assert gate.counts("train") == (2, 3)
+    assert gate.sparsity("train") == pytest.approx(1 / 3)
+
+
+def reference_adam(tau, grads, s, alpha=1.0, b1=0.9, b2=0.98, eps=1e-8):
+    """Eq. 16-20 in plain Python, one scalar."""
+    m = v = 0.0
+    taus = []
+    for k, g in enumerate(grads, start=1):
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        m_hat, v_hat = m / (1 - b1**k), v / (1 - b2**k)
+        tau = tau + alpha * s * m_hat / (math.sqrt(v_hat) + eps)
+        taus.append(tau)
+    return taus
+
+
+def test_adam_threshold_steps_flip_a_token():
+    """tau climbs 0.5 -> 0.6 -> 0.7 -> 0.8; at 0.8 token 3 (r = 0.707) is gated off and g changes sign."""
+    pm, gate = hand_model(tau=0.5, lam=0.01, s=0.1)
+    thresholds = ThresholdOptimizer([gate])
+    seen_g, seen_tau = [], []
+    for _ in range(4):
+        backward_once(pm)
+        seen_g.append(float(gate.threshold_grad))
+        thresholds.step()
+        seen_tau.append(float(gate.tau))
+    # steps 1-3: S = (1, 0, 1), g = 0.92; step 4 (tau = 0.8): S = (1, 0, 0), token 3 now consistent:
+    # g = 1 - 0.1 - 1 + 0.01 = -0.09
+    assert seen_g == pytest.approx([0.92, 0.92, 0.92, -0.09], abs=1e-6)
+    assert seen_tau == pytest.approx(reference_adam(0.5, [0.92, 0.92, 0.92, -0.09], s=0.1), abs=1e-6)
+    assert seen_tau[:3] == pytest.approx([0.6, 0.7, 0.8], abs=1e-6)
+    assert float(gate.step) == 4
+    assert gate.threshold_grad is None  # consumed by the step
+
+
+def test_plain_step_without_adam():
+    pm, gate = hand_model(tau=0.5, lam=0.01, s=0.1, adam=False)
+    backward_once(pm)
+    ThresholdOptimizer([gate]).step()
+    assert float(gate.tau) == pytest.approx(0.5 + 0.1 * 0.92, abs=1e-6)
+
+
+def test_padding_is_left_out_of_g_and_sparsity():
+    pm, gate = hand_model(tau=0.5, lam=0.01)
+    backward_once(pm, mask=torch.tensor([[1, 0, 1]]))  # token 2 is padding
+    assert float(gate.threshold_grad) == pytest.approx(1 + 0.02, abs=1e-6)
+    assert gate.counts("train") == (2, 2)
+    assert gate.sparsity("train") == 0.0
+    pm.eval()  # eval statistics are counted by modules in eval mode
+    with torch.no_grad():
+        pm(TOKENS, attention_mask=torch.tensor([[1, 0, 1]]))
+    assert gate.counts("eval") == (2, 2)
+    report = sparsity_report([gate], split="train")
+    assert report["overall"] == 0.0 and report["modules"][0]["tokens"] == 2
+
+
+def test_kv_cache_positions_take_the_newest_mask_columns():
+    pm, gate = hand_model(tau=0.5)
+    pm.eval()
+    with torch.no_grad():  # one new token (token 3 of TOKENS) with a 3-long mask whose last entry is real
+        pm(TOKENS[:, 2:], attention_mask=torch.tensor([[0, 1, 1]]))
+    assert gate.counts("eval") == (1, 1)
+
+
+def test_gated_off_tokens_give_peft_no_gradient():
+    pm, _ = hand_model(tau=0.5)
+    out = pm(TOKENS)
+    out[:, 1].sum().backward()  # token 2 is gated off
+    for name, p in pm.named_parameters():
+        if p.requires_grad:
+            assert torch.count_nonzero(p.grad) == 0, name
+    pm.zero_grad()
+    pm(TOKENS)[:, 0].sum().backward()  # token 1 is gated on
+    assert any(torch.count_nonzero(p.grad) for p in pm.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("with_dora", [False, True])
+def test_gated_update_gradcheck(with_dora):
+    """The hand-written backward equals finite differences (float64), with S held away from tau."""
+    torch.manual_seed(0)
+    base = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(2, 3, 2, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(5, dtype=torch.float64, requires_grad=True) if with_dora else None
+    bias = torch.randn(5, dtype=torch.float64) if with_dora else None
+    gate = add_token_gates(_any_gateable(), GateConfig())[0]
+    with torch.no_grad():  # tau halfway between the middle two ratios: half the tokens on, none near the edge
+        delta, _ = update_and_mask(base, u, B, k, bias, torch.tensor(0.0), 1e-6)
+        ratios = (delta.norm(dim=-1) / base.norm(dim=-1)).flatten().sort().values
+    tau = (ratios[2] + ratios[3]) / 2
+
+    def fn(base, u, B, *k):
+        return GatedUpdate.apply(base, u, B, k[0] if k else None, bias, tau, None, gate)[0]
+
+    inputs = (base, u, B) + ((k,) if with_dora else ())
+    _, on = GatedUpdate.apply(base, u, B, k, bias, tau, None, gate)
+    assert 0 < int(on.sum()) < on.numel()  # both branches of the gate are exercised
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6)
+
+
+def _any_gateable():
+    return get_peft_model(OneLinear(), LoraConfig(r=1, target_modules=["proj"]))

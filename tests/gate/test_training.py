@@ -1,0 +1,163 @@
+"""The threshold update inside training loops: accumulation, resume, data-parallel ranks."""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from tsft.gate import GateConfig, ThresholdOptimizer, add_token_gates, find_token_gates
+
+from .conftest import peft_model
+from .test_arithmetic import reference_adam
+
+CONFIG = GateConfig(lam=1e-2, s=1e-2)
+
+
+def batch(step: int, size: int = 4, seq: int = 5):
+    g = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(size, seq, 8, generator=g)
+    mask = torch.ones(size, seq, dtype=torch.long)
+    mask[1, 3:] = 0  # some padding, so the mask path is part of every check
+    target = torch.randn(size, seq, 8, generator=g)
+    return x, mask, target
+
+
+def loss_fn(model, x, mask, target):
+    out = model(x, attention_mask=mask)
+    return (((out - target) ** 2).sum(-1) * mask).sum() / mask.sum()
+
+
+def make(kind: str = "lora"):
+    model = peft_model(kind)
+    gates = add_token_gates(model, CONFIG)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    return model, optimizer, ThresholdOptimizer(gates)
+
+
+def train(model, optimizer, thresholds, steps):
+    for step in steps:
+        loss_fn(model, *batch(step)).backward()
+        optimizer.step()
+        thresholds.step()
+        optimizer.zero_grad()
+
+
+def test_two_half_batches_accumulate_to_one_full_batch():
+    full, _, thr_full = make()
+    half = copy.deepcopy(full)
+    thr_half = ThresholdOptimizer(find_token_gates(half))
+    x, mask, target = batch(0)
+    out = full(x, attention_mask=mask)
+    (((out - target) ** 2).sum(-1) * mask).sum().backward()
+    for part in (slice(0, 2), slice(2, 4)):
+        out = half(x[part], attention_mask=mask[part])
+        (((out - target[part]) ** 2).sum(-1) * mask[part]).sum().backward()
+    for gate_full, gate_half in zip(thr_full.gates, thr_half.gates):
+        assert float(gate_half.threshold_grad) == pytest.approx(float(gate_full.threshold_grad), rel=1e-5)
+        assert gate_half.counts("train") == gate_full.counts("train") == (int(mask.sum()) - 0, int(mask.sum()))
+    thr_full.step(), thr_half.step()
+    for gate_full, gate_half in zip(thr_full.gates, thr_half.gates):
+        assert float(gate_half.tau) == pytest.approx(float(gate_full.tau), rel=1e-6) and float(gate_full.tau) > 0
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "adalora"])
+def test_resumed_run_continues_bit_for_bit(kind, tmp_path):
+    model, optimizer, thresholds = make(kind)
+    train(model, optimizer, thresholds, range(3))
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, tmp_path / "ckpt.pt")
+    train(model, optimizer, thresholds, range(3, 6))
+
+    resumed, resumed_opt, resumed_thr = make(kind)
+    state = torch.load(tmp_path / "ckpt.pt")
+    resumed.load_state_dict(state["model"])
+    resumed_opt.load_state_dict(state["optimizer"])
+    assert [float(g.step) for g in resumed_thr.gates] == [3.0, 3.0]
+    train(resumed, resumed_opt, resumed_thr, range(3, 6))
+
+    for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert all(float(g.tau) != 0 for g in thresholds.gates)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    model, _, thresholds = make()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    optimizer = torch.optim.AdamW([p for p in ddp.parameters() if p.requires_grad], lr=1e-2)
+    local_g = []
+    for step in range(3):
+        x, mask, target = batch(10 * step + rank)  # each rank sees different data
+        loss_fn(ddp, x, mask, target).backward()
+        local_g.append([float(g.threshold_grad) for g in thresholds.gates])
+        optimizer.step()
+        thresholds.step()
+        optimizer.zero_grad()
+    torch.save({"tau": [g.tau.clone() for g in thresholds.gates], "g": local_g}, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_ddp_ranks_keep_identical_tau(tmp_path):
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert r0["g"] != r1["g"]  # the ranks' own g differ ...
+    for a, b in zip(r0["tau"], r1["tau"]):
+        assert torch.equal(a, b)  # ... but their thresholds move together
+    # ... and by exactly the Adam steps of the summed g (all_reduce SUM), not of either rank's own.
+    for gate_index, tau in enumerate(r0["tau"]):
+        summed = [r0["g"][k][gate_index] + r1["g"][k][gate_index] for k in range(3)]
+        expected = reference_adam(0.0, summed, s=CONFIG.s)[-1]
+        assert float(tau) == pytest.approx(expected, rel=1e-5)
+        own = reference_adam(0.0, [r0["g"][k][gate_index] for k in range(3)], s=CONFIG.s)[-1]
+        assert float(tau) != pytest.approx(own, rel=1e-5)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_does_not_double_count(reentrant):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=16,
+    )
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(config)
+    ids = torch.randint(0, 64, (2, 8))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(1)  # the same random LoRA factors in both runs
+        model = get_peft_model(
+            copy.deepcopy(base), LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        )
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            model.enable_input_require_grads()
+        model.train()
+        gates = add_token_gates(model, CONFIG)
+        model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+        results.append([(g.counts("train"), g.counts("eval"), float(g.threshold_grad)) for g in gates])
+    assert results[0][0][0] == (13, 13)  # 16 positions, 3 padded, all on at tau = 0
+    for plain, checkpointed in zip(*results):
+        assert checkpointed[:2] == plain[:2]
+        assert checkpointed[2] == pytest.approx(plain[2], rel=1e-5)

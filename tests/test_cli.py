@@ -1,0 +1,87 @@
+"""train.py from the command line: bad input is one line on stderr and leaves results/ untouched."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tsft.errors import InputError
+from tsft.pipeline import run
+
+from .helpers import REPO_ROOT, compose_config, tiny_overrides
+
+
+def train(tmp_path, *overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    command = [sys.executable, "train.py", f"hydra.run.dir={tmp_path / 'outputs'}", *overrides]
+    return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_unknown_group_option_is_one_line(tmp_path):
+    out = train(tmp_path, "peft=lorra")
+    assert out.returncode == 1
+    assert out.stderr == "error: unknown peft 'lorra'; choose one of: adalora, adapter, dora, lora\n"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["optim.lr=-1e-4"], "error: optim.lr must be > 0 (got -0.0001); set e.g. optim.lr=1e-4"),
+        (["paths.data_dir=/nonexistent"], "error: GLUE RTE not found: no folder /nonexistent/glue/RTE and the hub"),
+    ],
+)
+def test_bad_values_fail_before_training_in_one_line(tmp_path, overrides, message):
+    results = tmp_path / "results"
+    out = train(tmp_path, "model=tiny-bert", f"paths.results_dir={results}", *overrides)
+    assert out.returncode == 1
+    assert out.stderr.startswith(message) and out.stderr.count("\n") == 1, out.stderr
+    assert not results.exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["peft.target_modules=[q,up]"], "target module 'up' matches no module of model 'tiny-bert'"),
+        (["peft=adalora", "peft.target_r=-2"], "peft.target_r must be a positive integer (got -2)"),
+        (["ckpt_path=/nonexistent/last.ckpt"], "ckpt_path /nonexistent/last.ckpt does not exist"),
+        (["task=glue/mrpc"], "GLUE MRPC not found"),
+    ],
+)
+def test_bad_input_is_caught_before_anything_is_written(tmp_path, data_dir, overrides, message):
+    cfg = compose_config([*tiny_overrides(tmp_path, data_dir), *overrides])
+    with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        run(cfg)
+    assert not (tmp_path / "results").exists()
+
+
+def test_malformed_data_file_names_file_and_line(tmp_path, data_dir):
+    train_file = data_dir / "glue" / "RTE" / "train.tsv"
+    with open(train_file, "a") as f:
+        f.write("99\tonly a premise\n")
+    lines = train_file.read_text().count("\n")
+    with pytest.raises(InputError, match=rf"{train_file} line {lines}: expected at least 4 tab-separated fields"):
+        run(compose_config(tiny_overrides(tmp_path, data_dir)))
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_writes_one_run(tmp_path, data_dir):
+    out = train(
+        tmp_path,
+        "model=tiny-bert",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.precision=32-true",
+        "trainer.max_steps=4",
+        "task.batch_size=4",
+        "task.max_length=32",
+        f"paths.data_dir={data_dir}",
+        f"paths.results_dir={tmp_path / 'results'}",
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    (run_dir,) = (tmp_path / "results" / "runs" / "glue" / "rte").iterdir()  # one directory for both ranks
+    assert (run_dir / "result.json").is_file()

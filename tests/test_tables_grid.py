@@ -1,0 +1,96 @@
+"""Resumable grids: finished runs are found by run name; mk/tables.mk refuses what cannot run."""
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from tsft import paths
+from tsft.report.grid import finished_result, result_exists
+from tsft.report.tables import GLUE_TASKS
+
+ROOT = Path(__file__).resolve().parents[1]
+MK = ROOT / "mk" / "tables.mk"
+
+
+def cfg_for(results_dir, run_name="ts-lora-minilm-l6-lam1e-05-seed1-cpu"):
+    return OmegaConf.create(
+        {"run_name": run_name, "task": {"name": "glue/rte"}, "paths": {"results_dir": str(results_dir)}}
+    )
+
+
+def test_finished_run_is_found_through_the_pipelines_run_dir_naming(tmp_path):
+    cfg = cfg_for(tmp_path)
+    assert not result_exists(cfg)
+    run_dir = paths.create_run_dir(paths.task_runs_dir(cfg.paths, cfg.task.name), cfg.run_name)
+    assert not result_exists(cfg)  # started but not finished (a crash leaves no result.json)
+    (run_dir / paths.RESULT_FILENAME).write_text("{}")
+    assert finished_result(cfg) == run_dir / paths.RESULT_FILENAME
+
+
+def test_other_runs_sharing_a_prefix_do_not_count(tmp_path):
+    cfg = cfg_for(tmp_path, run_name="lora-minilm-l6-seed1-cpu")
+    task_dir = paths.task_runs_dir(cfg.paths, cfg.task.name)
+    for name in ("lora-minilm-l6-seed10-cpu-20250101-120000", "lora-minilm-l6-seed1-cpu-extra-20250101-120000"):
+        (task_dir / name).mkdir(parents=True)
+        (task_dir / name / paths.RESULT_FILENAME).write_text("{}")
+    assert not result_exists(cfg)
+    clash = task_dir / "lora-minilm-l6-seed1-cpu-20250101-120000-0a1f"  # create_run_dir's suffix on a clash
+    clash.mkdir()
+    (clash / paths.RESULT_FILENAME).write_text("{}")
+    assert result_exists(cfg)
+
+
+def test_without_a_run_name_nothing_is_skipped(tmp_path):
+    assert not result_exists(cfg_for(tmp_path, run_name=None))
+
+
+def test_cpu_task_list_in_makefile_matches_aggregator():
+    line = next(line for line in MK.read_text().splitlines() if line.startswith("CPU_GLUE_TASKS"))
+    assert line.split(":=")[1].split() == GLUE_TASKS["cpu"]
+    line = next(line for line in MK.read_text().splitlines() if line.startswith("PAPER_GLUE_TASKS"))
+    assert line.split(":=")[1].split() == GLUE_TASKS["paper"]
+
+
+def make(tmp_path, *args):
+    (tmp_path / "Makefile").write_text(f"PYTHON := {sys.executable}\ninclude {MK}\n")
+    return subprocess.run(
+        ["make", "--no-print-directory", "-C", str(tmp_path), *args], capture_output=True, text=True, timeout=60
+    )
+
+
+needs_make = pytest.mark.skipif(shutil.which("make") is None, reason="make not installed")
+
+
+@needs_make
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="a GPU machine would start the paper grid")
+@pytest.mark.parametrize("target", ["table3", "table1"])
+def test_paper_grid_refuses_without_gpu(tmp_path, target):
+    done = make(tmp_path, target)
+    assert done.returncode != 0
+    assert f"make {target} PRESET=cpu" in done.stderr
+
+
+@needs_make
+def test_unknown_preset_is_refused(tmp_path):
+    done = make(tmp_path, "table3", "PRESET=big")
+    assert done.returncode != 0 and "PRESET must be cpu or paper" in done.stderr
+
+
+@needs_make
+def test_cpu_grid_command(tmp_path):
+    done = make(tmp_path, "-n", "table3", "PRESET=cpu")
+    command = next(line for line in done.stdout.splitlines() if "train.py -m" in line)
+    experiments = re.search(r"'experiment=([^']+)'", command).group(1).split(",")
+    assert experiments == [
+        f"table3_cpu_{m}" for m in ("lora", "ts_lora", "adalora", "ts_adalora", "adapter", "ts_adapter")
+    ]
+    assert re.search(r"'task=([^']+)'", command).group(1).split(",") == [f"glue/{t}" for t in GLUE_TASKS["cpu"]]
+    assert "'seed=1'" in command and "++skip_existing=true" in command
+    assert "aggregate-$table PRESET=cpu" in command
+    for name in experiments:  # every swept experiment exists
+        assert (ROOT / "configs" / "experiment" / f"{name}.yaml").is_file()

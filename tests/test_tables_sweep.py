@@ -1,0 +1,63 @@
+"""scripts/sweep_summary.py: a λ sweep becomes a printed table and a PNG figure."""
+
+import importlib.util
+from pathlib import Path
+
+from tests.test_tables_aggregate import write_run
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "sweep_summary.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("sweep_summary", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def sweep_runs(root, model_scale=None):
+    for lam, scores in ((1e-6, (60.0, 62.0)), (1e-5, (61.0, 61.0)), (1e-4, (55.0, 57.0))):
+        for seed, score in enumerate(scores, start=1):
+            write_run(
+                root,
+                task="glue/rte",
+                method="ts-lora",
+                seed=seed,
+                score=score,
+                sparsity=lam * 5000,
+                lam=lam,
+                preset="custom",
+                scale=model_scale,
+            )
+    write_run(root, task="glue/rte", method="lora", seed=1, score=59.0, preset="custom", scale=model_scale)
+
+
+def test_sweep_plot_and_table(tmp_path, capsys):
+    runs, out = tmp_path / "runs", tmp_path / "figures"
+    sweep_runs(runs)
+    assert load_script().main(["--runs", str(runs), "--out", str(out)]) == 0
+    figure = out / "rte_ts-lora_lambda.png"
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in out.iterdir()] == [figure.name]  # no temporary file left behind
+    printed = capsys.readouterr().out
+    assert "glue/rte ts-lora (model minilm-l6, preset custom)" in printed
+    lines = printed.splitlines()
+    assert any(line.split() == ["1e-6", "61.0", "±", "1.4", "(n=2)", "0.5", "±", "0.0", "(n=2)"] for line in lines)
+    assert any(line.split() == ["1e-4", "56.0", "±", "1.4", "(n=2)", "50.0", "±", "0.0", "(n=2)"] for line in lines)
+    assert any(line.split() == ["dense", "lora", "59.0", "(n=1)"] for line in lines)
+
+
+def test_sweep_refuses_to_pool_models(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    sweep_runs(runs / "a")
+    sweep_runs(runs / "b", model_scale={"model": "tiny-bert"})
+    script = load_script()
+    assert script.main(["--runs", str(runs), "--out", str(tmp_path / "f")]) == 1
+    assert "choose with --model/--preset" in capsys.readouterr().err
+    assert script.main(["--runs", str(runs), "--out", str(tmp_path / "f"), "--model", "tiny-bert"]) == 0
+    assert (tmp_path / "f" / "rte_ts-lora_lambda.png").exists()
+
+
+def test_sweep_without_runs_fails_clearly(tmp_path, capsys):
+    assert load_script().main(["--runs", str(tmp_path), "--out", str(tmp_path / "f")]) == 1
+    assert "no TS runs with a λ" in capsys.readouterr().err

@@ -1,0 +1,131 @@
+"""Checks on a composed run config, made before anything is trained or written."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from tsft.errors import InputError
+
+PEFT_METHODS = ("lora", "dora", "adalora", "adapter")
+LOGGER_KINDS = ("csv", "wandb", "tensorboard", "none")
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def method_name(cfg: DictConfig) -> str:
+    """``ts-<peft>`` when token selection is on, else ``<peft>`` (the paper's row names)."""
+    return f"ts-{cfg.peft.name}" if cfg.sparsity.enabled else cfg.peft.name
+
+
+def run_base_name(cfg: DictConfig) -> str:
+    """``<method>-<model>[-lam<lambda>]-seed<seed>``; the run directory adds a timestamp."""
+    if cfg.run_name:
+        return str(cfg.run_name)
+    lam = f"-lam{float(cfg.sparsity['lambda']):g}" if cfg.sparsity.enabled else ""
+    return f"{method_name(cfg)}-{cfg.model.name}{lam}-seed{cfg.seed}"
+
+
+def check_group_choices(overrides: list[str], config_dir: Path = CONFIG_DIR) -> None:
+    """Reject ``group=option`` overrides naming an option that has no config file.
+
+    Hydra reports these over several lines of search-path detail; this names the group, the
+    option and the choices on one line. Sweeps (``peft=lora,dora``) are checked option by option.
+    """
+    for override in overrides:
+        key, sep, value = override.lstrip("+~").partition("=")
+        group_dir = config_dir / key
+        if not sep or key.startswith("hydra") or not group_dir.is_dir() or "(" in value:
+            continue
+        available = sorted(str(p.relative_to(group_dir).with_suffix("")) for p in group_dir.rglob("*.yaml"))
+        for option in value.split(","):
+            if option not in available and option != "null":
+                raise InputError(f"unknown {key} '{option}'; choose one of: {', '.join(available)}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise InputError on the first setting that cannot work. Cheap: no data or model is loaded."""
+    _check_optim(cfg.optim)
+    _check_task(cfg.task)
+    _check_peft(cfg.peft)
+    if cfg.sparsity.enabled:
+        _check_sparsity(cfg.sparsity)
+    _check_trainer(cfg.trainer)
+    if cfg.logger.kind not in LOGGER_KINDS:
+        raise InputError(f"logger.kind '{cfg.logger.kind}' is not one of {', '.join(LOGGER_KINDS)}")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise InputError(message)
+
+
+def _check_optim(optim: DictConfig) -> None:
+    _require(optim.lr > 0, f"optim.lr must be > 0 (got {optim.lr}); set e.g. optim.lr=1e-4")
+    _require(optim.weight_decay >= 0, f"optim.weight_decay must be >= 0 (got {optim.weight_decay})")
+    _require(0 <= optim.warmup_ratio < 1, f"optim.warmup_ratio must lie in [0, 1) (got {optim.warmup_ratio})")
+
+
+def _check_task(task: DictConfig) -> None:
+    for key in ("batch_size", "eval_batch_size", "max_length"):
+        _require(task[key] > 0, f"task.{key} must be > 0 (got {task[key]}); set e.g. task.{key}=32")
+    for key in ("train_limit", "eval_limit"):
+        value = task.get(key)
+        _require(value is None or value > 0, f"task.{key} must be null or > 0 (got {value})")
+
+
+def _check_peft(peft: DictConfig) -> None:
+    name = peft.name
+    _require(name in PEFT_METHODS, f"peft.name '{name}' is not one of {', '.join(PEFT_METHODS)}")
+    if name in ("lora", "dora"):
+        _positive_int(peft, "r")
+    elif name == "adalora":
+        _positive_int(peft, "init_r")
+        _positive_int(peft, "target_r")
+        _require(
+            peft.init_r >= peft.target_r,
+            f"peft.init_r ({peft.init_r}) must be >= peft.target_r ({peft.target_r}); raise peft.init_r",
+        )
+        for key in ("tinit_ratio", "tfinal_ratio"):
+            _require(0 <= peft[key] < 1, f"peft.{key} must lie in [0, 1) (got {peft[key]})")
+        _require(
+            peft.tinit_ratio + peft.tfinal_ratio < 1,
+            "peft.tinit_ratio + peft.tfinal_ratio must be < 1 to leave steps for rank pruning",
+        )
+        _positive_int(peft, "deltaT")
+    else:
+        _positive_int(peft, "hidden_size")
+    _require(0 <= peft.dropout < 1, f"peft.dropout must lie in [0, 1) (got {peft.dropout})")
+    _require(peft.scale > 0, f"peft.scale must be > 0 (got {peft.scale})")
+    _require(len(peft.target_modules) > 0, "peft.target_modules is empty; set e.g. peft.target_modules=[q,v]")
+
+
+def _positive_int(section: DictConfig, key: str) -> None:
+    value = section[key]
+    _require(
+        isinstance(value, int) and not isinstance(value, bool) and value > 0,
+        f"peft.{key} must be a positive integer (got {value}); set e.g. peft.{key}=4",
+    )
+
+
+def _check_sparsity(sparsity: DictConfig) -> None:
+    from tsft.gate import GateConfig  # the gate validates its own settings
+
+    try:
+        GateConfig.from_mapping(sparsity)
+    except ValueError as err:
+        raise InputError(str(err)) from None
+
+
+def _check_trainer(trainer: DictConfig) -> None:
+    import lightning as L  # imported here: the override check above runs before any heavy import
+
+    accepted = set(inspect.signature(L.Trainer.__init__).parameters) - {"self", "logger", "callbacks"}
+    unknown = sorted(set(trainer.keys()) - accepted)
+    if unknown:
+        raise InputError(f"trainer.{unknown[0]} is not a lightning.Trainer argument; see `python train.py --cfg job`")
+    for key in ("max_steps", "max_epochs"):
+        value: Any = trainer.get(key)
+        _require(value is None or value == -1 or value > 0, f"trainer.{key} must be > 0 or -1 (got {value})")

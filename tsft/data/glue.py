@@ -1,0 +1,254 @@
+"""GLUE as a LightningDataModule: the original TSV files, or the hub copy when there are none.
+
+Local layout (what GLUE's ``download_glue_data.py`` writes): ``<data_dir>/glue/<DIR>/train.tsv``
+and ``dev.tsv`` (MNLI: ``dev_matched.tsv`` and ``dev_mismatched.tsv``). Texts are tokenized per
+batch and padded to the longest example in it (dynamic padding).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import lightning as L
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, Sampler
+
+from tsft import paths
+from tsft.errors import InputError
+
+HUB_DATASET = "nyu-mll/glue"
+SUBSET_SEED = 0  # train_limit/eval_limit subsets are the same for every run seed
+
+
+class Example(NamedTuple):
+    text_a: str
+    text_b: str | None
+    label: int | float
+
+
+@dataclass(frozen=True)
+class GlueFormat:
+    """How one task is stored: TSV columns (names, or indices when there is no header) and labels."""
+
+    text_a: str | int
+    text_b: str | int | None
+    label: str | int
+    labels: tuple[str, ...] | None  # label strings in id order (the hub's order); None: a float score
+    hub_text: tuple[str, str | None]
+    dev_splits: tuple[str, ...] = ("dev",)  # file stems; hub split = "validation" + stem suffix
+    header: bool = True
+
+    @property
+    def is_regression(self) -> bool:
+        return self.labels is None
+
+
+BINARY = ("0", "1")
+NLI2 = ("entailment", "not_entailment")
+FORMATS: dict[str, GlueFormat] = {
+    # CoLA has no header row: source, label, original label, sentence.
+    "cola": GlueFormat(3, None, 1, BINARY, ("sentence", None), header=False),
+    "sst2": GlueFormat("sentence", None, "label", BINARY, ("sentence", None)),
+    "mrpc": GlueFormat("#1 String", "#2 String", "Quality", BINARY, ("sentence1", "sentence2")),
+    "stsb": GlueFormat("sentence1", "sentence2", "score", None, ("sentence1", "sentence2")),
+    "qqp": GlueFormat("question1", "question2", "is_duplicate", BINARY, ("question1", "question2")),
+    "mnli": GlueFormat(
+        "sentence1",
+        "sentence2",
+        "gold_label",
+        ("entailment", "neutral", "contradiction"),
+        ("premise", "hypothesis"),
+        dev_splits=("dev_matched", "dev_mismatched"),
+    ),
+    "qnli": GlueFormat("question", "sentence", "label", NLI2, ("question", "sentence")),
+    "rte": GlueFormat("sentence1", "sentence2", "label", NLI2, ("sentence1", "sentence2")),
+}
+
+
+def eval_split_suffix(split: str) -> str:
+    """``dev`` -> ``""``, ``dev_matched`` -> ``"_matched"``: appended to metric names."""
+    return split.removeprefix("dev")
+
+
+def read_glue_tsv(path: Path, fmt: GlueFormat) -> list[Example]:
+    """Parse one GLUE TSV file; any row that does not fit raises naming the file and line.
+
+    Quotes are ordinary characters in GLUE's TSVs (MRPC, MNLI), so rows are split on newlines and
+    tabs only (not on the other characters str.splitlines treats as line breaks); ``utf-8-sig``
+    drops the byte-order mark MRPC's files start with.
+    """
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        lines = [line.removesuffix("\r") for line in f.read().split("\n")]
+    start, positions = 0, {}
+    if fmt.header:
+        if not lines:
+            raise InputError(f"{path}: empty file, expected a header row")
+        names = lines[0].split("\t")
+        wanted = [c for c in (fmt.text_a, fmt.text_b, fmt.label) if c is not None]
+        missing = [c for c in wanted if c not in names]
+        if missing:
+            raise InputError(f"{path} line 1: header lacks column(s) {missing} (has {names})")
+        positions = {c: names.index(c) for c in wanted}
+        start = 1
+
+    # Column names -> their index in the header; headerless formats give indices directly.
+    a, b, y = (positions.get(c, c) for c in (fmt.text_a, fmt.text_b, fmt.label))
+    needed = max(i for i in (a, b, y) if i is not None) + 1
+    examples = []
+    for number, line in enumerate(lines[start:], start=start + 1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) < needed:
+            raise InputError(
+                f"{path} line {number}: expected at least {needed} tab-separated fields, found {len(fields)}"
+            )
+        examples.append(Example(fields[a], fields[b] if b is not None else None, _label(fields[y], fmt, path, number)))
+    if not examples:
+        raise InputError(f"{path}: no examples")
+    return examples
+
+
+def _label(raw: str, fmt: GlueFormat, path: Path, number: int) -> int | float:
+    if fmt.labels is None:
+        try:
+            return float(raw)
+        except ValueError:
+            raise InputError(f"{path} line {number}: score {raw!r} is not a number") from None
+    if raw not in fmt.labels:
+        raise InputError(f"{path} line {number}: label {raw!r} is not one of {list(fmt.labels)}")
+    return fmt.labels.index(raw)
+
+
+def load_local(task_dir: Path, fmt: GlueFormat, train_file: str) -> dict[str, list[Example]]:
+    splits = {"train": train_file, **{s: f"{s}.tsv" for s in fmt.dev_splits}}
+    for filename in splits.values():
+        if not (task_dir / filename).is_file():
+            raise InputError(f"{task_dir / filename} is missing; the folder must hold {sorted(splits.values())}")
+    return {split: read_glue_tsv(task_dir / filename, fmt) for split, filename in splits.items()}
+
+
+def load_hub(glue_task: str, fmt: GlueFormat, cache_dir: Path) -> dict[str, list[Example]]:
+    import datasets
+
+    hub = datasets.load_dataset(HUB_DATASET, glue_task, cache_dir=str(cache_dir / "datasets"))
+    col_a, col_b = fmt.hub_text
+    hub_split = {"train": "train", **{s: "validation" + eval_split_suffix(s) for s in fmt.dev_splits}}
+    return {
+        split: [Example(row[col_a], row[col_b] if col_b else None, row["label"]) for row in hub[name]]
+        for split, name in hub_split.items()
+    }
+
+
+def fixed_subset(examples: list[Example], limit: int | None) -> list[Example]:
+    """A random subset of ``limit`` examples, the same for every run (order kept)."""
+    if limit is None or limit >= len(examples):
+        return examples
+    keep = sorted(random.Random(SUBSET_SEED).sample(range(len(examples)), limit))
+    return [examples[i] for i in keep]
+
+
+class EpochSeededSampler(Sampler[int]):
+    """Shuffles with a permutation that depends only on (seed, epoch).
+
+    Lightning calls ``set_epoch`` before each epoch, so a run resumed from an end-of-epoch
+    checkpoint sees the same order as an uninterrupted one.
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
+class GlueDataModule(L.LightningDataModule):
+    def __init__(self, task: DictConfig, tokenizer: Any, paths_cfg: DictConfig, seed: int) -> None:
+        super().__init__()
+        if task.glue_task not in FORMATS:
+            raise InputError(f"task.glue_task '{task.glue_task}' is not one of {sorted(FORMATS)}")
+        self.task, self.tokenizer, self.seed = task, tokenizer, seed
+        self.format = FORMATS[task.glue_task]
+        self.task_dir = paths.data_dir(paths_cfg) / "glue" / task.dir
+        self.cache_dir = paths.cache_dir(paths_cfg)
+        self.splits: dict[str, list[Example]] = {}
+
+    @property
+    def eval_splits(self) -> tuple[str, ...]:
+        return self.format.dev_splits
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        if self.task_dir.is_dir():
+            splits = load_local(self.task_dir, self.format, self.task.get("train_file", "train.tsv"))
+        else:
+            splits = self._load_hub_or_explain()
+        self.splits = {
+            name: fixed_subset(rows, self.task.train_limit if name == "train" else self.task.eval_limit)
+            for name, rows in splits.items()
+        }
+
+    def _load_hub_or_explain(self) -> dict[str, list[Example]]:
+        try:
+            return load_hub(self.task.glue_task, self.format, self.cache_dir)
+        except Exception as err:  # offline, no such dataset, ...: all mean "supply the files"
+            raise InputError(
+                f"GLUE {self.task.dir} not found: no folder {self.task_dir} and the hub copy ({HUB_DATASET}) "
+                f"could not be loaded ({type(err).__name__}); put the GLUE TSVs in <data_dir>/glue/{self.task.dir}/ "
+                "and set TSFT_DATA_DIR=<data_dir> or paths.data_dir=<data_dir>"
+            ) from None
+
+    @property
+    def num_train_examples(self) -> int:
+        return len(self.splits["train"])
+
+    @property
+    def num_eval_examples(self) -> int:
+        return sum(len(self.splits[s]) for s in self.eval_splits)
+
+    def collate(self, batch: list[Example]) -> dict[str, torch.Tensor]:
+        texts_b = [ex.text_b for ex in batch] if self.format.text_b is not None else None
+        encoded = self.tokenizer(
+            [ex.text_a for ex in batch],
+            texts_b,
+            truncation=True,
+            max_length=self.task.max_length,
+            padding=True,
+            return_tensors="pt",
+        )
+        dtype = torch.float32 if self.format.is_regression else torch.long
+        encoded["labels"] = torch.tensor([ex.label for ex in batch], dtype=dtype)
+        return dict(encoded)
+
+    def train_dataloader(self) -> DataLoader:
+        train = self.splits["train"]
+        return DataLoader(
+            train,
+            batch_size=self.task.batch_size,
+            sampler=EpochSeededSampler(len(train), self.seed),
+            collate_fn=self.collate,
+            generator=torch.Generator().manual_seed(self.seed),  # keeps the global RNG untouched
+        )
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return [
+            DataLoader(
+                self.splits[split],
+                batch_size=self.task.eval_batch_size,
+                collate_fn=self.collate,
+                generator=torch.Generator().manual_seed(self.seed),
+            )
+            for split in self.eval_splits
+        ]

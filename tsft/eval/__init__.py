@@ -1,0 +1,1 @@
+"""Metrics and answer extraction per benchmark."""

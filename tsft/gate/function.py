@@ -1,0 +1,92 @@
+"""The gated update as one autograd function (Eq. 2-3 forward, Eq. 9 and Eq. 15 in backward).
+
+Every supported PEFT update has the form
+
+    delta = u @ B^T  (+ k * (base - bias)   for DoRA)
+
+where ``u`` is the rank-r activation of the PEFT branch (LoRA ``A dropout(x)``, AdaLoRA
+``(A * E) dropout(x)``, adapter ``act(down(dropout(x)))``) and ``B`` the up-projection with the
+branch's scaling already folded in. DoRA's ``k = m / ||W0 + s B A||_c - 1`` rescales the frozen
+output; its column norm is detached as in peft (DoRA paper §4.3), so ``k`` is a plain vector.
+
+Writing the gate around this factorisation rather than around a materialised ``delta`` is what
+keeps it free: backward needs ``g B`` (r columns) for the PEFT gradient anyway, and
+``mu_i = <g_i, delta_i> = <g_i B, u_i>`` (+ the DoRA term) reuses it, so no output-sized
+tensor is saved beyond what the dense PEFT method itself saves (DoRA keeps ``base``, as peft does).
+
+Output: ``out = base + S * delta`` with ``S_i = 1(r_i >= tau)``, ``r_i = ||delta_i|| / ||base_i||``.
+``base`` is the frozen layer's full output ``W0 x + b``: it is what a gated-off token keeps
+(Eq. 2), so the ratio measures the update against what the token would otherwise carry.
+(Llama-family projections have no bias, so the choice only matters for encoder models.)
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+import torch
+
+if TYPE_CHECKING:
+    from tsft.gate.gate import TokenGate
+
+
+def update_and_mask(
+    base: torch.Tensor,
+    u: torch.Tensor,
+    B: torch.Tensor,
+    k: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    tau: torch.Tensor,
+    ratio_eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """delta and the gate S (Eq. 3)."""
+    delta = (u @ B.t()).to(base.dtype)
+    if k is not None:
+        frozen = base - bias if bias is not None else base
+        delta = delta + k.to(base.dtype) * frozen
+    norm_dtype = torch.promote_types(base.dtype, torch.float32)  # at least float32, even for bf16 models
+    delta_norm = torch.linalg.vector_norm(delta, dim=-1, dtype=norm_dtype)
+    base_norm = torch.linalg.vector_norm(base, dim=-1, dtype=norm_dtype)
+    ratio = delta_norm / base_norm.clamp_min(ratio_eps)
+    return delta, ratio >= tau
+
+
+class GatedUpdate(torch.autograd.Function):
+    """out = base + S * delta; backward also accumulates the threshold gradient g into the gate."""
+
+    @staticmethod
+    def forward(ctx, base, u, B, k, bias, tau, real, gate_module: "TokenGate"):
+        delta, gate = update_and_mask(base, u, B, k, bias, tau, gate_module.config.ratio_eps)
+        out = torch.addcmul(base, gate.unsqueeze(-1).to(base.dtype), delta)
+        ctx.gate_module = gate_module
+        ctx.save_for_backward(u, B, gate, real, k, bias, base if k is not None else None)
+        ctx.mark_non_differentiable(gate)
+        return out, gate
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_gate):
+        u, B, gate, real, k, bias, base = ctx.saved_tensors
+        width = grad_out.shape[-1]
+        g = grad_out.reshape(-1, width)
+        u2 = u.reshape(-1, u.shape[-1])
+        on = gate.reshape(-1, 1)
+        g_lr = g.to(B.dtype)
+        acc = torch.promote_types(g.dtype, torch.float32)  # mu and g are accumulated in >= float32
+
+        gB = g_lr @ B  # (T, r): needed for grad_u anyway
+        mu = (gB.to(acc) * u2.to(acc)).sum(-1)  # Eq. 9 through the low-rank factor
+        grad_u = (gB * on.to(gB.dtype)).reshape(u.shape)  # gated-off tokens get no gradient
+        grad_B = g_lr.t() @ (u2 * on.to(u2.dtype))  # = (S g)^T u without an (T, out) copy
+
+        grad_base, grad_k = grad_out, None
+        if k is not None:
+            frozen = (base - bias if bias is not None else base).reshape(-1, width)
+            g_frozen = (g * frozen).to(acc)  # (T, out), shared by mu and grad_k
+            mu = mu + g_frozen @ k.to(acc)
+            if ctx.needs_input_grad[3]:
+                grad_k = (gate.reshape(-1).to(acc) @ g_frozen).to(k.dtype)
+            # d out / d base = 1 + S * k, because the DoRA delta rescales the frozen output.
+            grad_base = torch.addcmul(g, g * k.to(g.dtype), on.to(g.dtype)).reshape(grad_out.shape)
+
+        ctx.gate_module.accumulate_threshold_grad(mu, gate.reshape(-1), None if real is None else real.reshape(-1))
+        return grad_base, grad_u, grad_B, grad_k, None, None, None, None

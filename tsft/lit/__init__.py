@@ -1,0 +1,1 @@
+"""LightningModules: the shared base and one module per kind of task."""

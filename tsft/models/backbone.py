@@ -1,0 +1,93 @@
+"""Load a Hugging Face backbone and its tokenizer from a local folder, a package, or the hub.
+
+``model.path`` forms: ``pkg:<module>`` (a package shipping the weights, e.g. the offline MiniLM:
+``<module>.get_model_path()``), an existing local folder, or a hub id. ``model.random_init``
+builds an untrained model from a config instead (tiny models for tests). ``model.prepare`` names a
+one-time conversion (PREPARERS) that creates the local folder on first use, e.g. SmolLM2 from its GGUF.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
+
+from tsft.errors import InputError
+
+PACKAGE_PREFIX = "pkg:"
+
+
+def _prepare_smollm2(folder: Path, tokenizer_only: bool) -> None:
+    from tsft.models import smollm2
+
+    smollm2.prepare(folder, tokenizer_only)
+
+
+# model.prepare -> fn(folder, tokenizer_only) that makes `folder` loadable; a no-op when it already is.
+PREPARERS = {"smollm2": _prepare_smollm2}
+
+
+def ensure_prepared(model_cfg: DictConfig, folder: str, tokenizer_only: bool) -> None:
+    name = model_cfg.get("prepare")
+    if not name:
+        return
+    if name not in PREPARERS:
+        raise InputError(
+            f"model.prepare '{name}' is not one of {', '.join(PREPARERS)}; fix configs/model/{model_cfg.name}.yaml"
+        )
+    PREPARERS[name](Path(folder).expanduser(), tokenizer_only)
+
+
+def resolve_source(spec: str) -> str:
+    """A folder or hub id that ``from_pretrained`` accepts."""
+    if spec.startswith(PACKAGE_PREFIX):
+        module_name = spec.removeprefix(PACKAGE_PREFIX)
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            raise InputError(f"model package '{module_name}' is not installed; run `make install`") from None
+        return str(module.get_model_path())
+    local = Path(spec).expanduser()
+    return str(local) if local.exists() else spec
+
+
+def load_tokenizer(model_cfg: DictConfig, cache_dir: Path) -> PreTrainedTokenizerBase:
+    source = model_cfg.tokenizer or model_cfg.path
+    if not source:
+        raise InputError(f"model '{model_cfg.name}' names no tokenizer; set model.tokenizer=<folder or hub id>")
+    ensure_prepared(model_cfg, source, tokenizer_only=True)
+    return _from_pretrained(AutoTokenizer, source, model_cfg.name, cache_dir)
+
+
+def load_backbone(
+    model_cfg: DictConfig, auto_class: Any, tokenizer: PreTrainedTokenizerBase, cache_dir: Path, **config_kwargs: Any
+) -> nn.Module:
+    """``auto_class`` (e.g. AutoModelForSequenceClassification) with pretrained or random weights.
+
+    ``config_kwargs`` set task-specific config fields such as ``num_labels``.
+    """
+    if model_cfg.random_init:
+        settings = OmegaConf.to_container(model_cfg.random_init)
+        config = AutoConfig.for_model(
+            **settings, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **config_kwargs
+        )
+        return auto_class.from_config(config)
+    if not model_cfg.path:
+        raise InputError(f"model '{model_cfg.name}' has neither model.path nor model.random_init")
+    ensure_prepared(model_cfg, model_cfg.path, tokenizer_only=False)
+    return _from_pretrained(auto_class, model_cfg.path, model_cfg.name, cache_dir, **config_kwargs)
+
+
+def _from_pretrained(auto_class: Any, spec: str, model_name: str, cache_dir: Path, **kwargs: Any) -> Any:
+    source = resolve_source(spec)
+    try:
+        return auto_class.from_pretrained(source, cache_dir=str(cache_dir / "models"), **kwargs)
+    except OSError as err:  # missing folder/files, or the hub unreachable
+        raise InputError(
+            f"could not load '{source}' for model '{model_name}' ({str(err).splitlines()[0]}); "
+            "download it and set model.path=<local folder>"
+        ) from None

@@ -1,0 +1,106 @@
+"""Wrap a backbone with the configured PEFT method: LoRA, DoRA, AdaLoRA (peft) or Parallel Adapter."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+
+from omegaconf import DictConfig
+from peft import AdaLoraConfig, LoraConfig, get_peft_model
+from peft.tuners.adalora import AdaLoraModel
+from torch import nn
+
+from tsft.errors import InputError
+
+
+def resolve_target_modules(targets: Iterable[str], mapping: Mapping[str, str]) -> list[str]:
+    """Logical names (q, k, v, o, i, up, down, gate) -> this model's module-name suffixes.
+
+    Names the model config does not map are taken as module-name suffixes as they are.
+    """
+    return [mapping.get(t, t) for t in targets]
+
+
+def check_targets_exist(model: nn.Module, module_names: list[str], model_cfg: DictConfig) -> None:
+    """Fail before training if a target matches no module (peft would say so mid-construction)."""
+    names = [n for n, _ in model.named_modules()]
+    for target in module_names:
+        if not any(n == target or n.endswith(f".{target}") for n in names):
+            logical = ", ".join(f"{k}={v}" for k, v in model_cfg.targets.items())
+            raise InputError(
+                f"target module '{target}' matches no module of model '{model_cfg.name}'; "
+                f"use logical names from model.targets ({logical}) in peft.target_modules"
+            )
+
+
+def apply_peft(
+    model: nn.Module, peft_cfg: DictConfig, model_cfg: DictConfig, task_type: str, total_steps: int
+) -> nn.Module:
+    """The model with PEFT weights added and everything else frozen but ``model.head_modules``.
+
+    ``total_steps`` is the number of optimizer steps planned (AdaLoRA's budget schedule needs it).
+    """
+    targets = resolve_target_modules(peft_cfg.target_modules, model_cfg.targets)
+    check_targets_exist(model, targets, model_cfg)
+    head = list(model_cfg.head_modules)
+    if peft_cfg.name in ("lora", "dora"):
+        config = LoraConfig(
+            task_type=task_type,
+            r=peft_cfg.r,
+            lora_alpha=peft_cfg.scale * peft_cfg.r,
+            lora_dropout=peft_cfg.dropout,
+            target_modules=targets,
+            use_dora=peft_cfg.use_dora,
+            modules_to_save=head or None,
+        )
+        return get_peft_model(model, config)
+    if peft_cfg.name == "adalora":
+        config = AdaLoraConfig(
+            task_type=task_type,
+            init_r=peft_cfg.init_r,
+            target_r=peft_cfg.target_r,
+            # AdaLoRA scales by lora_alpha / init_r throughout (its rank count is not updated on pruning).
+            lora_alpha=peft_cfg.scale * peft_cfg.init_r,
+            lora_dropout=peft_cfg.dropout,
+            target_modules=targets,
+            modules_to_save=head or None,
+            deltaT=peft_cfg.deltaT,
+            orth_reg_weight=peft_cfg.orth_reg_weight,
+            **adalora_schedule(total_steps, peft_cfg.tinit_ratio, peft_cfg.tfinal_ratio),
+        )
+        return get_peft_model(model, config)
+    return _add_parallel_adapters(model, peft_cfg, targets, head)
+
+
+def _add_parallel_adapters(model: nn.Module, peft_cfg: DictConfig, targets: list[str], head: list[str]) -> nn.Module:
+    from tsft.gate.adapter import add_parallel_adapters
+
+    model.requires_grad_(False)
+    for name, module in model.named_modules():
+        if any(name == h or name.endswith(f".{h}") for h in head):
+            module.requires_grad_(True)
+    add_parallel_adapters(
+        model,
+        targets,
+        hidden_size=peft_cfg.hidden_size,
+        scale=peft_cfg.scale,
+        activation=peft_cfg.activation,
+        dropout=peft_cfg.dropout,
+    )
+    return model
+
+
+def adalora_schedule(total_steps: int, tinit_ratio: float, tfinal_ratio: float) -> dict[str, int]:
+    """peft's AdaLoRA phases in steps: full rank for tinit, pruning, fixed ranks for the last tfinal."""
+    total_steps = max(int(total_steps), 1)
+    return {
+        "total_step": total_steps,
+        "tinit": math.floor(tinit_ratio * total_steps),
+        "tfinal": math.floor(tfinal_ratio * total_steps),
+    }
+
+
+def find_adalora(model: nn.Module) -> AdaLoraModel | None:
+    """The AdaLoraModel inside a peft model (it owns the rank allocator), or None."""
+    inner = getattr(model, "base_model", None)
+    return inner if isinstance(inner, AdaLoraModel) else None

@@ -1,0 +1,283 @@
+"""One run from a composed config: validate -> data -> model -> fit -> evaluate -> result.json.
+
+Everything that can be wrong with the input (config values, data files, targets, checkpoint
+path) is found before the run directory is created, so a bad command writes nothing to results/.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from tsft import paths
+from tsft.config import method_name, run_base_name, validate
+from tsft.data.csr import TEST_SETS, CSRDataModule
+from tsft.data.glue import GlueDataModule
+from tsft.errors import InputError
+from tsft.eval.glue import headline_score
+from tsft.lit.base import PeftModule
+from tsft.lit.causal_lm import CausalLMModule
+from tsft.lit.classification import SequenceClassificationModule
+from tsft.models import build_peft_model, load_tokenizer
+from tsft.report.grid import finished_result
+from tsft.report.result import make_result, write_result
+
+log = logging.getLogger(__name__)
+RUN_DIR_ENV = "TSFT_RUN_DIR"
+
+
+@dataclass(frozen=True)
+class TaskFamily:
+    """How a family of tasks (``task.family``) plugs into a run.
+
+    Its data module exposes ``num_train_examples`` and ``num_eval_examples`` once set up; its
+    LightningModule leaves the last evaluation in ``eval_metrics``. ``evaluate`` names the Trainer
+    loop that computes them after fitting ("validate" or "test"); ``result_extras`` adds
+    family-specific fields to result.json.
+    """
+
+    auto_class: Any  # transformers Auto* class of the backbone
+    peft_task_type: str  # peft's TaskType
+    model_kwargs: Callable[[DictConfig], dict[str, Any]]
+    datamodule: Callable[[DictConfig, Any], L.LightningDataModule]
+    lightning_module: Callable[[DictConfig, nn.Module, Any], PeftModule]
+    score: Callable[[DictConfig, dict[str, Any]], float | None]
+    evaluate: str = "validate"
+    result_extras: Callable[[DictConfig, Any], dict[str, Any]] = lambda cfg, datamodule: {}
+
+
+def _glue_score(cfg: DictConfig, metrics: dict[str, Any]) -> float | None:
+    try:
+        return headline_score(cfg.task.glue_task, metrics)
+    except TypeError:  # the headline metric is undefined (null), e.g. a constant prediction
+        return None
+
+
+GLUE = TaskFamily(
+    auto_class=AutoModelForSequenceClassification,
+    peft_task_type="SEQ_CLS",
+    model_kwargs=lambda cfg: {"num_labels": cfg.task.num_labels},
+    datamodule=lambda cfg, tokenizer: GlueDataModule(cfg.task, tokenizer, cfg.paths, cfg.seed),
+    lightning_module=lambda cfg, model, data: SequenceClassificationModule(
+        model, cfg.optim, cfg.peft, cfg.task.glue_task, cfg.task.num_labels, data.eval_splits
+    ),
+    score=_glue_score,
+)
+
+
+def _weights_dtype(cfg: DictConfig) -> dict[str, Any]:
+    """``model.dtype`` (e.g. bfloat16 for LLaMA-3.1-8B) for pretrained weights; null keeps float32."""
+    if not cfg.model.get("dtype") or cfg.model.random_init:
+        return {}
+    return {"dtype": getattr(torch, cfg.model.dtype)}
+
+
+CSR = TaskFamily(
+    auto_class=AutoModelForCausalLM,
+    peft_task_type="CAUSAL_LM",
+    model_kwargs=_weights_dtype,
+    datamodule=lambda cfg, tokenizer: CSRDataModule(cfg.task, tokenizer, cfg.paths, cfg.seed),
+    lightning_module=lambda cfg, model, data: CausalLMModule(
+        model,
+        cfg.optim,
+        cfg.peft,
+        data.tokenizer,
+        TEST_SETS,
+        cfg.task.eval_mode,
+        cfg.task.num_beams,
+        cfg.task.max_new_tokens,
+        cfg.model.get("gradient_checkpointing", False),
+    ),
+    score=lambda cfg, metrics: 100 * metrics["avg"],  # Table 1's Avg., in percent
+    evaluate="test",
+    result_extras=lambda cfg, data: {
+        "eval": {"mode": cfg.task.eval_mode, "limit": cfg.task.eval_limit},  # limit: records per test set,
+        "train_data": data.train_data,
+    },
+)
+
+FAMILIES: dict[str, TaskFamily] = {"glue": GLUE, "csr": CSR}
+
+
+def run(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
+    """Train and evaluate ``cfg``; return the run directory and the result written there."""
+    validate(cfg)
+    if cfg.get("skip_existing") and (finished := finished_result(cfg)) is not None:
+        log.info("skipping: %s is a finished run of this configuration", finished.parent)
+        return finished.parent, json.loads(finished.read_text())
+    family = task_family(cfg)
+    ckpt_path = checked_checkpoint(cfg.ckpt_path)
+
+    tokenizer = load_tokenizer(cfg.model, paths.cache_dir(cfg.paths))
+    datamodule = family.datamodule(cfg, tokenizer)
+    datamodule.setup("fit")  # reads (and checks) the data now, not after the Trainer starts
+    planned_steps = planned_optimizer_steps(cfg, datamodule.num_train_examples)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)  # before any random init (heads, PEFT weights)
+    model = build_peft_model(
+        cfg, tokenizer, family.auto_class, family.peft_task_type, planned_steps, **family.model_kwargs(cfg)
+    )
+    module = family.lightning_module(cfg, model, datamodule)
+
+    run_dir = shared_run_dir(cfg, ckpt_path)
+    try:
+        result = fit_and_evaluate(cfg, family, module, datamodule, run_dir, ckpt_path)
+    finally:
+        os.environ.pop(RUN_DIR_ENV, None)  # the next run of a sweep gets its own directory
+    return run_dir, result
+
+
+def fit_and_evaluate(
+    cfg: DictConfig, family: TaskFamily, module: PeftModule, datamodule: Any, run_dir: Path, ckpt_path: str | None
+) -> dict[str, Any]:
+    trainer = L.Trainer(
+        **OmegaConf.to_container(cfg.trainer, resolve=True),
+        logger=build_loggers(cfg, run_dir),
+        callbacks=build_callbacks(cfg, run_dir),
+        enable_checkpointing=cfg.checkpoint.enabled,
+        default_root_dir=str(run_dir),
+    )
+    started = time.monotonic()
+    # Ctrl-C or an error ends the process inside fit (Lightning exits on KeyboardInterrupt), so an
+    # interrupted run never reaches write_result; its checkpoints stay for ckpt_path=... .
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    getattr(trainer, family.evaluate)(module, datamodule=datamodule, verbose=False)
+
+    metrics = module.eval_metrics
+    result = make_result(
+        cfg,
+        method=method_name(cfg),
+        run_name=run_dir.name,
+        metrics=metrics,
+        score=family.score(cfg, metrics),
+        sparsity=getattr(module, "sparsity_report", None),  # set by TokenGateCallback
+        scale=run_scale(cfg, trainer, datamodule),
+        wall_time_s=time.monotonic() - started,
+        **family.result_extras(cfg, datamodule),
+    )
+    if trainer.is_global_zero:
+        write_result(run_dir / paths.RESULT_FILENAME, result)
+    if cfg.logger.kind == "wandb":
+        import wandb
+
+        wandb.finish()  # else the next run of a sweep would log into this one
+    return result
+
+
+def task_family(cfg: DictConfig) -> TaskFamily:
+    if cfg.task.family not in FAMILIES:
+        raise InputError(f"task.family '{cfg.task.family}' is not one of {', '.join(FAMILIES)}")
+    return FAMILIES[cfg.task.family]
+
+
+def checked_checkpoint(ckpt_path: str | None) -> str | None:
+    if ckpt_path is None:
+        return None
+    path = paths.resolve(ckpt_path)
+    if not path.is_file():
+        raise InputError(f"ckpt_path {path} does not exist; pass a .ckpt file from <run_dir>/checkpoints/")
+    return str(path)
+
+
+def shared_run_dir(cfg: DictConfig, ckpt_path: str | None) -> Path:
+    """The run directory, created once per run even under DDP.
+
+    Lightning's DDP launcher starts ranks 1..n by running this script again when rank 0 calls
+    fit; they inherit RUN_DIR_ENV from rank 0 and write into its directory.
+    """
+    inherited = os.environ.get(RUN_DIR_ENV)
+    if inherited:
+        return Path(inherited)
+    run_dir = resume_run_dir(ckpt_path) or paths.create_run_dir(
+        paths.task_runs_dir(cfg.paths, cfg.task.name), run_base_name(cfg)
+    )
+    os.environ[RUN_DIR_ENV] = str(run_dir)
+    return run_dir
+
+
+def resume_run_dir(ckpt_path: str | None) -> Path | None:
+    """A resumed run finishes in the directory its checkpoint came from, unless that run finished."""
+    if ckpt_path is None:
+        return None
+    run_dir = paths.run_dir_of_checkpoint(ckpt_path)
+    if run_dir is None or (run_dir / paths.RESULT_FILENAME).exists():
+        return None
+    return run_dir
+
+
+def planned_optimizer_steps(cfg: DictConfig, train_examples: int) -> int:
+    """Optimizer steps the Trainer will take on one device (AdaLoRA's schedule needs it up front;
+    the LightningModule re-reads the Trainer's own estimate when training starts)."""
+    batches = math.ceil(train_examples / cfg.task.batch_size)
+    per_epoch = math.ceil(batches / cfg.trainer.get("accumulate_grad_batches", 1))
+    max_epochs, max_steps = cfg.trainer.get("max_epochs") or -1, cfg.trainer.get("max_steps", -1)
+    by_epochs = per_epoch * max_epochs if max_epochs > 0 else math.inf
+    return int(min(by_epochs, max_steps if max_steps > 0 else math.inf))
+
+
+def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[Callback]:
+    callbacks: list[Callback] = []
+    if cfg.checkpoint.enabled:
+        callbacks.append(
+            # One file, last.ckpt, overwritten at every save (no metric is monitored, so the
+            # "top 1" is the newest), also by a resumed run.
+            ModelCheckpoint(
+                dirpath=run_dir / paths.CHECKPOINTS_SUBDIR,
+                filename="last",
+                save_top_k=1,
+                enable_version_counter=False,
+                every_n_train_steps=cfg.checkpoint.every_n_train_steps,
+            )
+        )
+    if cfg.sparsity.enabled:
+        from tsft.integrations.lightning import TokenGateCallback
+
+        callbacks.append(TokenGateCallback(cfg.sparsity))
+    return callbacks
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
+    kind = cfg.logger.kind
+    if kind == "csv":
+        return [CSVLogger(save_dir=str(run_dir), name="logs")]  # logs/version_N: a resumed run adds one
+    if kind == "tensorboard":
+        return [TensorBoardLogger(save_dir=str(run_dir), name="logs")]
+    if kind == "wandb":
+        return [
+            WandbLogger(
+                project=cfg.logger.project,
+                entity=cfg.logger.entity,
+                name=run_dir.name,
+                save_dir=str(run_dir),
+                offline=cfg.logger.mode == "offline",
+                config=OmegaConf.to_container(cfg, resolve=True),
+            )
+        ]
+    return []
+
+
+def run_scale(cfg: DictConfig, trainer: L.Trainer, datamodule: Any) -> dict[str, Any]:
+    """How much was trained and evaluated (small-scale runs must say so)."""
+    examples_seen = trainer.global_step * cfg.task.batch_size * cfg.trainer.get("accumulate_grad_batches", 1)
+    return {
+        "model": cfg.model.name,
+        "train_examples": datamodule.num_train_examples,
+        "max_steps": trainer.global_step,
+        "epochs": round(examples_seen / datamodule.num_train_examples, 3),
+        "max_length": cfg.task.max_length,
+        "eval_examples": datamodule.num_eval_examples,
+    }

@@ -1,0 +1,1 @@
+"""result.json writing and aggregation into tables."""

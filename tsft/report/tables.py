@@ -1,0 +1,403 @@
+"""Aggregate a grid of result.json files into the paper's Tables 1, 3 and 5, paper numbers beside ours.
+
+Rules that make the tables citable:
+- a cell holds only what runs produced (mean ± sample std over seeds, n shown); no run -> "—";
+- an average is computed only when every column of the row has runs;
+- runs that cannot be pooled (several λ for one TS cell, or one seed twice) are not aggregated:
+  the cell shows "‡" and a note lists them;
+- paper rows are labelled as the paper's and come from results/paper/*.json, never from runs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tsft.report.render import MISSING, Grid, Report, fmt_sci, fmt_stat, write_report
+from tsft.report.runs import Stat, average_stat, load_runs, provenance, scale_summary, seed_stat, short_key
+
+PAPER_DIR = Path(__file__).resolve().parents[2] / "results" / "paper"
+CONFLICT = "‡"
+PAPER_DERIVED = "*"
+
+# GLUE columns of Table 3 per preset. The CPU preset runs the five small GLUE tasks; keep this list
+# in sync with CPU_GLUE_TASKS in mk/tables.mk (tests/test_tables_grid.py checks it).
+GLUE_TASKS = {
+    "paper": ["mnli", "cola", "qnli", "rte", "mrpc", "qqp", "sst2", "stsb"],
+    "cpu": ["cola", "rte", "mrpc", "sst2", "stsb"],
+}
+
+# Spellings of the CSR datasets in runs' metrics (LLM-Adapters / DoRA names and short ones),
+# after short_key(), mapped to the column keys of results/paper/table1.json.
+CSR_ALIASES = {
+    "piqa": "piqa",
+    "boolq": "boolq",
+    "hellaswag": "hellaswag",
+    "winogrande": "winogrande",
+    "siqa": "siqa",
+    "socialiqa": "siqa",
+    "obqa": "obqa",
+    "openbookqa": "obqa",
+    "arce": "arc_e",
+    "arceasy": "arc_e",
+    "arcc": "arc_c",
+    "arcchallenge": "arc_c",
+}
+
+QKV = ("q_proj", "k_proj", "v_proj")
+
+# What result.json's sparsity fields mean (tsft.gate.report.sparsity_summary): `overall` and the
+# modules' `sparsity` are measured on the evaluation data, as the paper reports them; `train_*` are not used.
+SPARSITY_DEFINITION = (
+    "Sparsity (Eq. 21) = share of tokens whose update the gate skipped, measured on the evaluation data "
+    "(result.json `sparsity.overall` / module `sparsity`)."
+)
+
+Extract = Callable[[dict[str, Any]], dict[str, tuple[float | None, float | None]]]
+
+
+def load_paper(table: str) -> dict[str, Any]:
+    return json.loads((PAPER_DIR / f"{table}.json").read_text(encoding="utf-8"))
+
+
+@dataclass
+class MethodData:
+    """Per column: seed -> value for score and sparsity (percent), λ values seen, and conflicts."""
+
+    score: dict[str, dict[Any, float]] = field(default_factory=lambda: defaultdict(dict))
+    sparsity: dict[str, dict[Any, float]] = field(default_factory=lambda: defaultdict(dict))
+    lambdas: dict[str, set] = field(default_factory=lambda: defaultdict(set))
+    s_values: set = field(default_factory=set)
+    conflicts: dict[str, str] = field(default_factory=dict)
+
+
+def gather(runs: list[dict[str, Any]], extract: Extract, ts: bool) -> MethodData:
+    data = MethodData()
+    seen: dict[str, dict[Any, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        seed = run.get("seed")
+        if ts:
+            data.s_values.add(((run.get("config") or {}).get("sparsity") or {}).get("s"))
+        for col, (score, sparsity) in extract(run).items():
+            seen[col][seed].append(run["_path"])
+            data.lambdas[col].add(run.get("lambda") if ts else None)
+            if score is not None:
+                data.score[col][seed] = score
+            if sparsity is not None:
+                data.sparsity[col][seed] = sparsity
+    for col, by_seed in seen.items():
+        dupes = {s: p for s, p in by_seed.items() if len(p) > 1}
+        if dupes:
+            data.conflicts[col] = "; ".join(f"seed {s} in {len(p)} runs ({', '.join(p)})" for s, p in dupes.items())
+        elif len(data.lambdas[col]) > 1:
+            data.conflicts[col] = "runs with several λ: " + fmt_values(data.lambdas[col])
+    for col in data.conflicts:
+        data.score.pop(col, None)
+        data.sparsity.pop(col, None)
+    return data
+
+
+# ---------------------------------------------------------------- formatting
+
+
+def fmt_diff(ours: Stat | None, paper: float | None) -> str:
+    return MISSING if ours is None or paper is None else f"{ours.mean - paper:+.1f}"
+
+
+def fmt_paper(x: float | None) -> str:
+    return MISSING if x is None else f"{x:.1f}"
+
+
+def fmt_values(values: set) -> str:
+    """The distinct λ (or s) values some runs used; a run that recorded none adds a "—"."""
+    if not values:
+        return MISSING
+    return " / ".join(fmt_sci(v) for v in sorted(values, key=lambda v: (v is None, v or 0.0)))
+
+
+# ---------------------------------------------------------------- Tables 1 and 3
+
+
+@dataclass
+class Benchmark:
+    name: str  # "table1" | "table3": also the results/paper file holding the paper's rows
+    columns: list[str]
+    extract: Extract
+    sparsity_source: str
+
+
+def glue_extract(columns: list[str]) -> Extract:
+    def extract(run):
+        task = short_key(run.get("task", ""))
+        if task not in columns:
+            return {}
+        overall = (run.get("sparsity") or {}).get("overall")
+        return {task: (run.get("score"), None if overall is None else 100 * overall)}
+
+    return extract
+
+
+def csr_extract(run: dict[str, Any]) -> dict[str, tuple[float | None, float | None]]:
+    metrics = run.get("metrics") or {}
+    per_dataset = (run.get("sparsity") or {}).get("per_dataset") or {}
+    out: dict[str, list] = {}
+    for name, value in metrics.items():
+        if short_key(name) in CSR_ALIASES and value is not None:
+            out.setdefault(CSR_ALIASES[short_key(name)], [None, None])[0] = 100 * value
+    for name, value in per_dataset.items():
+        if short_key(name) in CSR_ALIASES and value is not None:
+            out.setdefault(CSR_ALIASES[short_key(name)], [None, None])[1] = 100 * value
+    return {col: (sc, sp) for col, (sc, sp) in out.items()}
+
+
+def benchmark_report(bench: Benchmark, runs: list[dict[str, Any]], header: list[str]) -> Report:
+    paper = load_paper(bench.name)
+    cols = bench.columns
+    full = cols == paper["columns"]
+    labels = [paper["column_labels"][c] for c in cols] + ["Avg"]
+    hyper_col = bench.name == "table1"  # Table 1 prints λ/s in a column, Table 3 in per-task rows
+    head = ["Method", "Row"] + (["λ / s"] if hyper_col else []) + labels
+    rows, starts, notes = [], [], []
+    for method, pm in paper["methods"].items():
+        ts = "sparsity" in pm
+        data = gather([r for r in runs if r.get("method") == method], bench.extract, ts)
+        starts.append(len(rows))
+        quantities = [("score", data.score, pm["score"])] + (
+            [("sparsity %", data.sparsity, pm["sparsity"])] if ts else []
+        )
+        for qname, values, paper_row in quantities:
+            ours = {c: seed_stat(list(values[c].values())) if values.get(c) else None for c in cols}
+            ours_avg = average_stat(values, cols)
+            paper_vals = {c: paper_row[c] for c in cols}
+            paper_avg = paper_row["avg"] if full else sum(paper_vals.values()) / len(cols)
+            paper_avg_txt = fmt_paper(paper_avg) + ("" if full else PAPER_DERIVED)
+            ours_cells = [CONFLICT if c in data.conflicts else fmt_stat(ours[c]) for c in cols] + [fmt_stat(ours_avg)]
+            hyper = ([], [], [])
+            if hyper_col:  # λ and s once per method, on its score rows
+                hyper = ([_ours_hyper(data, ts)], [_paper_hyper(pm)], [""]) if qname == "score" else ([""],) * 3
+            first = pm["label"] if qname == "score" else ""
+            rows.append([first, f"{qname} — ours"] + hyper[0] + ours_cells)
+            rows.append(
+                ["", f"{qname} — paper (Table {paper['source']['table']})"]
+                + hyper[1]
+                + [fmt_paper(paper_vals[c]) for c in cols]
+                + [paper_avg_txt]
+            )
+            rows.append(
+                ["", f"{qname} — Δ ours − paper"]
+                + hyper[2]
+                + [fmt_diff(ours[c], paper_vals[c]) for c in cols]
+                + [fmt_diff(ours_avg, paper_avg)]
+            )
+        if ts and not hyper_col:
+            rows.append(["", "λ — ours"] + [fmt_values(data.lambdas.get(c, set())) for c in cols] + [""])
+            rows.append(
+                ["", f"λ — paper (Table {paper['source']['table']})"] + [fmt_sci(pm["lambda"][c]) for c in cols] + [""]
+            )
+        notes += _conflict_notes(pm["label"], data.conflicts, paper["column_labels"])
+        if ts:
+            notes.append(f"{pm['label']}: gate scale s in the runs' config.sparsity.s: {fmt_values(data.s_values)}.")
+    if not full:
+        notes.append(
+            f"{PAPER_DERIVED} Paper Avg over the columns shown: the mean of the paper's printed per-task "
+            f"numbers for these {len(cols)} tasks, computed by tsft (the paper prints only the "
+            f"{len(paper['columns'])}-task average)."
+        )
+    notes.append(f"Sparsity % = {bench.sparsity_source} × 100.")
+    notes += [f"Paper note ({paper['source']['caption'].split(':')[0]}): {n}" for n in paper.get("notes", [])]
+    return Report(
+        title=f"{paper['source']['caption'].split(':')[0]} reproduction — {paper['source']['benchmark']}",
+        header=header + _legend(paper) + [SPARSITY_DEFINITION],
+        grids=[Grid(f"{paper['source']['benchmark']}: ours vs. paper", head, rows, starts)],
+        notes=notes,
+    )
+
+
+def _conflict_notes(label: str, conflicts: dict[str, str], column_labels: dict[str, str]) -> list[str]:
+    """One note per distinct problem (a CSR run spans all columns, so its problem repeats in each)."""
+    columns_by_problem: dict[str, list[str]] = defaultdict(list)
+    for col, problem in conflicts.items():
+        columns_by_problem[problem].append(column_labels[col])
+    return [f"{label} / {', '.join(cols)}: {CONFLICT} not aggregated, {p}" for p, cols in columns_by_problem.items()]
+
+
+def _run_level_sparsity_notes(runs: list[dict[str, Any]], methods: dict[str, Any]) -> list[str]:
+    """CSR runs without per-dataset sparsity still report one overall figure; show it, outside the grid,
+    since the paper's Sparsity rows are per dataset."""
+    notes = []
+    for method, pm in methods.items():
+        values = [
+            100 * r["sparsity"]["overall"]
+            for r in runs
+            if r.get("method") == method and (r.get("sparsity") or {}).get("overall") is not None
+        ]
+        if "sparsity" in pm and values:
+            notes.append(f"{pm['label']}: run-level `sparsity.overall` × 100 = {fmt_stat(seed_stat(values))}.")
+    return notes
+
+
+def method_label(method: str) -> str:
+    """The paper's spelling of a method key (ts-adalora -> TS-AdaLoRA)."""
+    for table in ("table1", "table3"):
+        if method in load_paper(table)["methods"]:
+            return load_paper(table)["methods"][method]["label"]
+    return method
+
+
+def _ours_hyper(data: MethodData, ts: bool) -> str:
+    if not ts:
+        return ""
+    lambdas = set().union(*data.lambdas.values()) if data.lambdas else set()
+    return f"λ={fmt_values(lambdas)}, s={fmt_values(data.s_values)}"
+
+
+def _paper_hyper(pm: dict[str, Any]) -> str:
+    return ", ".join(f"{'λ' if k == 'lambda' else 's'}={fmt_sci(pm[k])}" for k in ("lambda", "s") if k in pm)
+
+
+def _legend(paper: dict[str, Any]) -> list[str]:
+    src = paper["source"]
+    return [
+        f"Paper rows: {src['caption'].split(':')[0]} of {src['paper']} ({src['model']}), from "
+        f"results/paper/table{src['table']}.json — these are the paper's numbers, not ours.",
+        f"Ours: mean ± sample std over seeds (n = seeds); {MISSING} = no run; {CONFLICT} = runs not poolable "
+        "(see notes); Avg only when every column has runs; Δ = our mean − paper, before rounding.",
+    ]
+
+
+# ---------------------------------------------------------------- Table 5
+
+
+def table5_report(runs: list[dict[str, Any]], header: list[str]) -> Report:
+    paper = load_paper("table5")
+    methods = list(paper["methods"]) + sorted({r["method"] for r in runs if r.get("ts")} - set(paper["methods"]))
+    grids, notes = [], []
+    for method in methods:
+        mruns = [r for r in runs if r.get("method") == method and r.get("ts")]
+        per_module, problem = _module_sparsity(mruns)
+        if problem:
+            notes.append(f"{method_label(method)}: {CONFLICT} not aggregated, {problem}")
+            continue
+        if not per_module:
+            notes.append(f"{method_label(method)}: no runs with per-module sparsity.")
+            continue
+        layers = sorted({layer for layer, _ in per_module})
+        means = {key: seed_stat(list(v.values())).mean for key, v in per_module.items()}
+        pm = paper["methods"].get(method)
+        beside = pm is not None and layers == paper["layers"]
+        grids.append(_table5_grid(method, layers, means, pm if beside else None, paper, len(mruns)))
+        if pm is not None and not beside:
+            notes.append(
+                f"{method_label(method)}: our runs have {len(layers)} layers, the paper's Table 5 has "
+                f"{len(paper['layers'])} "
+                f"({paper['source']['model']}), so the paper's per-layer columns are not shown. For reference, "
+                f"the paper's avg row: "
+                + ", ".join(f"{k} {fmt_paper(pm['avg_row'][k])}" for k in QKV)
+                + f"; std over modules (Section 4.3 text): {paper['text_stats']['std'][method]}."
+            )
+    notes.append(
+        "Sparsity % = module `sparsity` × 100, mean over seeds; avg = mean over the q/k/v modules present in the "
+        "layer (a module absent from the runs, e.g. rank 0, shows — as the paper's '-'); the avg row is the "
+        "mean over layers; 'std over modules' is the population std over all q/k/v module values, the "
+        "definition under which the paper's Table 5 gives Section 4.3's 11.4 and 41.3 (and 9.57 for the "
+        "text's 9.8; see results/paper/table5.json)."
+    )
+    notes += [f"Paper note (Table 5): {n}" for n in paper.get("notes", [])]
+    return Report(
+        title="Table 5 reproduction — module-wise token sparsity (%) on commonsense reasoning",
+        header=header + _legend(paper)[:1] + [SPARSITY_DEFINITION],
+        grids=grids,
+        notes=notes,
+    )
+
+
+def _module_sparsity(runs: list[dict[str, Any]]) -> tuple[dict[tuple[int, str], dict[Any, float]], str | None]:
+    lambdas = {r.get("lambda") for r in runs}
+    if len(lambdas) > 1:
+        return {}, "runs with several λ: " + fmt_values(lambdas)
+    seeds = [r.get("seed") for r in runs]
+    if len(seeds) != len(set(seeds)):
+        return {}, "the same seed appears in several runs: " + ", ".join(r["_path"] for r in runs)
+    out: dict[tuple[int, str], dict[Any, float]] = defaultdict(dict)
+    for run in runs:
+        for module in (run.get("sparsity") or {}).get("modules") or []:
+            if module.get("kind") in QKV and module.get("layer") is not None and module.get("sparsity") is not None:
+                out[(int(module["layer"]), module["kind"])][run.get("seed")] = 100 * module["sparsity"]
+    return out, None
+
+
+def _table5_grid(method, layers, means, pm, paper, n_runs) -> Grid:
+    def layer_avg(values):
+        present = [v for v in values if v is not None]
+        return sum(present) / len(present) if present else None
+
+    head = ["Layer"] + [f"{k} (ours)" for k in QKV] + ["avg (ours)"]
+    if pm:
+        head += [f"{k} (paper)" for k in QKV] + ["avg (paper)"]
+    rows, ours_avgs = [], []
+    for i, layer in enumerate(layers):
+        ours = [means.get((layer, k)) for k in QKV]
+        ours_avgs.append(layer_avg(ours))
+        row = [str(layer)] + [fmt_paper(v) for v in ours + [ours_avgs[-1]]]
+        if pm:
+            row += [fmt_paper(pm["per_layer"][k][i]) for k in (*QKV, "avg")]
+        rows.append(row)
+    col_means = [layer_avg([means.get((layer, k)) for layer in layers]) for k in QKV]
+    row = ["avg"] + [fmt_paper(v) for v in col_means + [layer_avg(ours_avgs)]]
+    if pm:
+        row += [fmt_paper(pm["avg_row"][k]) for k in (*QKV, "avg")]
+    rows.append(row)
+    modules = [v for (_, kind), v in means.items() if kind in QKV]
+    mean = sum(modules) / len(modules)
+    std = (sum((v - mean) ** 2 for v in modules) / len(modules)) ** 0.5
+    row = ["std over modules", "", "", "", fmt_paper(std)]
+    if pm:
+        row += ["", "", "", f"{paper['text_stats']['std'][method]:.1f} (text)"]
+    rows.append(row)
+    return Grid(f"{method_label(method)} — {n_runs} run(s)", head, rows)
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def _family(table: str) -> str:
+    return "glue" if table == "table3" else "csr"
+
+
+def _scale_group(table: str) -> Callable[[dict[str, Any]], str]:
+    """GLUE scales legitimately differ per task (dataset sizes); CSR runs share one dataset mix."""
+    if table == "table3":
+        return lambda run: short_key(run.get("task", ""))
+    return lambda run: str(run.get("method"))
+
+
+def build_report(table: str, runs_dir: Path, preset: str) -> Report:
+    all_runs, unreadable = load_runs(runs_dir)
+    runs = [r for r in all_runs if r.get("family") == _family(table) and r.get("preset") == preset]
+    header = provenance(runs, runs_dir, preset, unreadable) + scale_summary(runs, _scale_group(table))
+    if table == "table1":
+        evals = sorted({json.dumps(r.get("eval"), sort_keys=True) for r in runs})
+        header.append("CSR evaluation (runs' `eval` field): " + (" | ".join(evals) or MISSING))
+    if table == "table3":
+        tasks = GLUE_TASKS.get(preset, GLUE_TASKS["paper"])
+        bench = Benchmark("table3", tasks, glue_extract(tasks), "the run's `sparsity.overall`")
+        return benchmark_report(bench, runs, header)
+    if table == "table1":
+        bench = Benchmark(
+            "table1", load_paper("table1")["columns"], csr_extract, "the run's `sparsity.per_dataset[<dataset>]`"
+        )
+        report = benchmark_report(bench, runs, header)
+        report.notes += _run_level_sparsity_notes(runs, load_paper("table1")["methods"])
+        return report
+    if table == "table5":
+        return table5_report(runs, header)
+    raise ValueError(f"unknown table {table!r}; expected table1, table3 or table5")
+
+
+def make_table(table: str, runs_dir: Path, preset: str, out_dir: Path) -> list[Path]:
+    stem = table if preset == "paper" else f"{table}_{preset}"
+    return write_report(build_report(table, runs_dir, preset), out_dir, stem)

@@ -39,7 +39,7 @@ test: install ## run the default test suite (tiny models, a few minutes)
 test-slow: install ## run only the slow tests that train on the real data in ../shared/data
 	$(PY) -m pytest -q -m slow
 
-quickstart: install ## LoRA on RTE with MiniLM-L6 on the CPU (a few minutes); prints dev accuracy
+quickstart: install ## TS-LoRA on RTE with MiniLM-L6 on the CPU (a few minutes); prints accuracy and sparsity
 	@test -n "$(TSFT_DATA_DIR)" || { echo "error: no ../shared/data; set TSFT_DATA_DIR=<folder holding glue/RTE>"; exit 1; }
 	$(PY) train.py experiment=quickstart
 

@@ -16,13 +16,13 @@ from tsft.errors import InputError
 @hydra.main(config_path="configs", config_name="train", version_base=None)
 def main(cfg: DictConfig) -> float | None:
     from tsft.pipeline import run  # torch & co. load after the override check has passed
+    from tsft.report.result import summary_line
 
     try:
         run_dir, result = run(cfg)
     except InputError as err:
         sys.exit(f"error: {err}")
-    metrics = ", ".join(f"{k}={v:.4f}" if v is not None else f"{k}=null" for k, v in result["metrics"].items())
-    print(f"{result['task']} {result['method']} ({result['model']}): {metrics} -> {run_dir}/result.json")
+    print(f"{summary_line(result)} -> {run_dir}/result.json")
     return result["score"]  # the objective for sweepers
 
 

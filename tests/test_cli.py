@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -85,3 +86,16 @@ def test_ddp_on_two_cpu_processes_writes_one_run(tmp_path, data_dir):
     assert out.returncode == 0, out.stderr[-2000:]
     (run_dir,) = (tmp_path / "results" / "runs" / "glue" / "rte").iterdir()  # one directory for both ranks
     assert (run_dir / "result.json").is_file()
+
+
+def test_a_ts_run_prints_its_metrics_sparsity_and_thresholds(tmp_path, data_dir):
+    out = train(tmp_path, *tiny_overrides(tmp_path, data_dir), "sparsity=ts", "sparsity.s=0.01")
+    assert out.returncode == 0, out.stderr[-2000:]
+    (run_dir,) = (tmp_path / "results" / "runs" / "glue" / "rte").iterdir()
+    result = json.loads((run_dir / "result.json").read_text())
+    taus = [module["tau"] for module in result["sparsity"]["modules"]]
+    last_line = out.stdout.strip().splitlines()[-1]
+    assert last_line.startswith(f"glue/rte ts-lora (tiny-bert): accuracy={result['metrics']['accuracy']:.4f}")
+    assert f"sparsity={result['sparsity']['overall']:.3f}" in last_line
+    assert f"tau in [{min(taus):.3g}, {max(taus):.3g}]" in last_line and max(taus) > 0
+    assert last_line.endswith(f"-> {run_dir}/result.json")

@@ -14,7 +14,7 @@ from .helpers import REPO_ROOT, SHARED_DATA, needs_shared_glue
 
 @pytest.mark.slow
 @needs_shared_glue
-def test_minilm_lora_on_real_rte_writes_accuracy(tmp_path):
+def test_minilm_ts_lora_on_real_rte_writes_accuracy_and_sparsity(tmp_path):
     env = {**os.environ, "TSFT_DATA_DIR": str(SHARED_DATA), "HF_HUB_OFFLINE": "1"}
     command = [
         sys.executable,
@@ -35,3 +35,5 @@ def test_minilm_lora_on_real_rte_writes_accuracy(tmp_path):
     accuracy = result["metrics"]["accuracy"]
     assert 0 <= accuracy <= 1 and abs(accuracy * 100 - round(accuracy * 100)) < 1e-4  # k correct of 100
     assert f"accuracy={accuracy:.4f}" in out.stdout
+    assert result["method"] == "ts-lora" and 0 <= result["sparsity"]["overall"] <= 1
+    assert f"sparsity={result['sparsity']['overall']:.3f}" in out.stdout

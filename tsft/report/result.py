@@ -65,3 +65,17 @@ def git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
+
+
+def summary_line(result: dict[str, Any]) -> str:
+    """One line for the console: the metrics and, for TS runs, the sparsity and the learned thresholds."""
+    metrics = ", ".join(f"{k}={v:.4f}" if v is not None else f"{k}=null" for k, v in result["metrics"].items())
+    line = f"{result['task']} {result['method']} ({result['model']}): {metrics}"
+    sparsity = result.get("sparsity")
+    if sparsity and sparsity.get("overall") is not None:
+        taus = [module["tau"] for module in sparsity["modules"]]
+        line += (
+            f"; sparsity={sparsity['overall']:.3f} (eval, mean of {len(taus)} gated modules), "
+            f"tau in [{min(taus):.3g}, {max(taus):.3g}]"
+        )
+    return line

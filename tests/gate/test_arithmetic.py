@@ -131,13 +131,14 @@ def test_gated_off_tokens_give_peft_no_gradient():
     assert any(torch.count_nonzero(p.grad) for p in pm.parameters() if p.requires_grad)
 
 
+@pytest.mark.parametrize("rank", [2, 16])  # backward takes thin products (r < 16) in transposed form
 @pytest.mark.parametrize("with_dora", [False, True])
-def test_gated_update_gradcheck(with_dora):
+def test_gated_update_gradcheck(with_dora, rank):
     """The hand-written backward equals finite differences (float64), with S held away from tau."""
     torch.manual_seed(0)
     base = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
-    u = torch.randn(2, 3, 2, dtype=torch.float64, requires_grad=True)
-    B = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(2, 3, rank, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(5, rank, dtype=torch.float64, requires_grad=True)
     k = torch.randn(5, dtype=torch.float64, requires_grad=True) if with_dora else None
     bias = torch.randn(5, dtype=torch.float64) if with_dora else None
     gate = add_token_gates(_any_gateable(), GateConfig())[0]

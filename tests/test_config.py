@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tsft.config import check_group_choices, method_name, run_base_name, validate
+from tsft.config import check_group_choices, method_name, run_base_name, validate, with_implied_groups
 from tsft.errors import InputError
 
 from .helpers import compose_config
@@ -114,3 +114,18 @@ def test_validate_adalora_and_adapter_ranks():
         validate(compose_config(["peft=adapter", "peft.hidden_size=-32"]))
     with pytest.raises(InputError, match="sparsity.lambda must be >= 0"):
         validate(compose_config(["sparsity=ts", "sparsity.lambda=-1"]))
+
+
+def test_setting_a_sparsity_value_selects_ts_next_to_it():
+    assert with_implied_groups(["task=csr", "sparsity.lambda=1e-5", "-m"]) == [
+        "task=csr",
+        "sparsity=ts",
+        "sparsity.lambda=1e-5",
+        "-m",
+    ]
+    assert with_implied_groups(["sparsity=ts", "sparsity.s=1e-3"]) == ["sparsity=ts", "sparsity.s=1e-3"]
+    assert with_implied_groups(["peft=dora"]) == ["peft=dora"]
+    with pytest.raises(
+        InputError, match="sparsity.lambda=1e-5 has no effect with sparsity=off; drop it or use sparsity=ts"
+    ):
+        with_implied_groups(["sparsity=off", "sparsity.lambda=1e-5"])

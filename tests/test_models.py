@@ -111,3 +111,20 @@ def test_minilm_loads_offline_from_its_package():
 def test_missing_model_package_is_one_line():
     with pytest.raises(InputError, match="model package 'not_a_model_pkg' is not installed; run `make install`"):
         resolve_source("pkg:not_a_model_pkg")
+
+
+def test_model_prepare_runs_once_per_missing_folder_before_loading(tmp_path, monkeypatch):
+    from tsft.models import backbone
+
+    calls = []
+    monkeypatch.setitem(
+        backbone.PREPARERS, "smollm2", lambda folder, tokenizer_only: calls.append((folder, tokenizer_only))
+    )
+    cfg = compose_config(["task=csr", "model=tiny-llama", f"paths.cache_dir={tmp_path}"])
+    with pytest.raises(InputError):  # the fake preparer wrote nothing, so loading then fails cleanly
+        load_tokenizer(cfg.model, paths.cache_dir(cfg.paths))
+    assert calls == [(tmp_path / "models" / "smollm2-135m", True)]
+
+    cfg = compose_config(["task=csr", "model=tiny-llama", "model.prepare=convert-me"])
+    with pytest.raises(InputError, match="model.prepare 'convert-me' is not one of smollm2"):
+        load_tokenizer(cfg.model, paths.cache_dir(cfg.paths))

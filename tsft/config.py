@@ -45,6 +45,25 @@ def check_group_choices(overrides: list[str], config_dir: Path = CONFIG_DIR) -> 
                 raise InputError(f"unknown {key} '{option}'; choose one of: {', '.join(available)}")
 
 
+def with_implied_groups(overrides: list[str]) -> list[str]:
+    """``sparsity.<key>=...`` without a ``sparsity=`` choice selects ``sparsity=ts``.
+
+    Setting TS-PEFT's lambda asks for TS-PEFT (``python train.py task=csr peft=dora
+    sparsity.lambda=1e-5`` is the paper's TS-DoRA run), while the group's default, ``off``, has no
+    lambda to set, so ``sparsity=off`` with such a key is an error.
+    """
+    keys = [override.lstrip("+~").partition("=")[0] for override in overrides]
+    settings = [i for i, key in enumerate(keys) if key.startswith("sparsity.")]
+    if not settings:
+        return overrides
+    if "sparsity" in keys:
+        if overrides[keys.index("sparsity")].partition("=")[2] == "off":
+            raise InputError(f"{overrides[settings[0]]} has no effect with sparsity=off; drop it or use sparsity=ts")
+        return overrides
+    # Inserted beside the user's own override: Hydra's parser wants all overrides in one run of arguments.
+    return [*overrides[: settings[0]], "sparsity=ts", *overrides[settings[0] :]]
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise InputError on the first setting that cannot work. Cheap: no data or model is loaded."""
     _check_optim(cfg.optim)

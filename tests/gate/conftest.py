@@ -77,3 +77,20 @@ def peft_model(kind: str, model: nn.Module | None = None, dropout: float = 0.0, 
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+def tiny_llama(num_hidden_layers: int = 2, **config):
+    """A random-weight Llama (vocabulary 64, hidden 32) for gate tests that need a real transformers model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    settings = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**{**settings, **config}))

@@ -5,26 +5,15 @@ from __future__ import annotations
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from tsft.gate import GateConfig, add_token_gates
 
+from .conftest import tiny_llama
+
 
 def tiny_gated_llama():
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    base = tiny_llama(num_hidden_layers=1, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     gates = add_token_gates(model, GateConfig(lam=1e-5, s=1e-4))
     return model.eval(), gates
 

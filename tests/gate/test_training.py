@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 
 from tsft.gate import GateConfig, ThresholdOptimizer, add_token_gates, find_token_gates
 
-from .conftest import peft_model
+from .conftest import peft_model, tiny_llama
 from .test_arithmetic import reference_adam
 
 CONFIG = GateConfig(lam=1e-2, s=1e-2)
@@ -128,19 +128,8 @@ def test_ddp_ranks_keep_identical_tau(tmp_path):
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_gradient_checkpointing_does_not_double_count(reentrant):
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=16,
-    )
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(config)
+    base = tiny_llama()
     ids = torch.randint(0, 64, (2, 8))
     mask = torch.ones_like(ids)
     mask[0, :3] = 0  # left padding

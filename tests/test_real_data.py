@@ -30,7 +30,7 @@ def test_minilm_ts_lora_on_real_rte_writes_accuracy_and_sparsity(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     (result_file,) = (tmp_path / "results" / "runs" / "glue" / "rte").glob("*/result.json")
     result = json.loads(result_file.read_text())
-    assert result["preset"] == "cpu" and result["scale"]["train_examples"] == 2490
+    assert result["preset"] == "custom" and result["scale"]["train_examples"] == 2490
     assert result["scale"] == {**result["scale"], "max_steps": 10, "eval_examples": 100, "max_length": 128}
     accuracy = result["metrics"]["accuracy"]
     assert 0 <= accuracy <= 1 and abs(accuracy * 100 - round(accuracy * 100)) < 1e-4  # k correct of 100

@@ -39,16 +39,23 @@ def update_and_mask(
     tau: torch.Tensor,
     ratio_eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """delta and the gate S (Eq. 3)."""
+    """delta and the gate S (Eq. 3). Runs without autograd (inside GatedUpdate or under no_grad), so
+    ``delta`` is a scratch tensor that may be updated in place."""
     delta = (u @ B.t()).to(base.dtype)
     if k is not None:
         frozen = base - bias if bias is not None else base
-        delta = delta + k.to(base.dtype) * frozen
+        delta.addcmul_(frozen, k.to(base.dtype))
     norm_dtype = torch.promote_types(base.dtype, torch.float32)  # at least float32, even for bf16 models
     delta_norm = torch.linalg.vector_norm(delta, dim=-1, dtype=norm_dtype)
     base_norm = torch.linalg.vector_norm(base, dim=-1, dtype=norm_dtype)
     ratio = delta_norm / base_norm.clamp_min(ratio_eps)
     return delta, ratio >= tau
+
+
+def gated_sum(base: torch.Tensor, gate: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``base + S * delta``, written into ``delta``'s memory: one output-sized allocation fewer per
+    layer, which on CPU saves the page faults of a fresh buffer (several % of a step at small widths)."""
+    return torch.addcmul(base, gate.unsqueeze(-1).to(base.dtype), delta, out=delta)
 
 
 class GatedUpdate(torch.autograd.Function):
@@ -57,7 +64,7 @@ class GatedUpdate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, base, u, B, k, bias, tau, real, gate_module: "TokenGate"):
         delta, gate = update_and_mask(base, u, B, k, bias, tau, gate_module.config.ratio_eps)
-        out = torch.addcmul(base, gate.unsqueeze(-1).to(base.dtype), delta)
+        out = gated_sum(base, gate, delta)
         ctx.gate_module = gate_module
         ctx.save_for_backward(u, B, gate, real, k, bias, base if k is not None else None)
         ctx.mark_non_differentiable(gate)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from tsft.gate.config import GateConfig
-from tsft.gate.function import GatedUpdate, update_and_mask
+from tsft.gate.function import GatedUpdate, gated_sum, update_and_mask
 
 SPLITS = ("train", "eval")
 
@@ -65,7 +65,7 @@ class TokenGate(nn.Module):
         delta, gate = update_and_mask(base, u, B, k, bias, self.tau, self.config.ratio_eps)
         if not self.training:  # a no-grad pass in train mode is reentrant checkpointing's first forward
             self._count("eval", gate, real)
-        return torch.addcmul(base, gate.unsqueeze(-1).to(base.dtype), delta)
+        return gated_sum(base, gate, delta)
 
     def _real_tokens(self, base: torch.Tensor) -> Optional[torch.Tensor]:
         mask = self.context.token_mask

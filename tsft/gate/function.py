@@ -80,18 +80,19 @@ class GatedUpdate(torch.autograd.Function):
         g_lr = g.to(B.dtype)
         acc = torch.promote_types(g.dtype, torch.float32)  # mu and g are accumulated in >= float32
 
-        u_on = u2 * on.to(u2.dtype)
+        on_u = on.to(u2.dtype)
+        u_on = u2 * on_u
         if u2.shape[-1] < 16:
             # Very thin products run 2-3x faster on CPU GEMM in transposed form, (r, out) @ (out, T) and
-            # (r, T) @ (T, out), than as g @ B and g^T @ u (measured for r = 4, 8; from r = 16 the
-            # direct form is as fast or faster): scripts/bench_gate_overhead.py.
+            # (r, T) @ (T, out), than as g @ B and g^T @ u (timed per product for r = 4, 8; from r = 16
+            # the direct form is as fast or faster). scripts/bench_gate_overhead.py times whole steps.
             gB, grad_B = (B.t() @ g_lr.t()).t(), (u_on.t() @ g_lr).t()
         else:
             gB, grad_B = g_lr @ B, g_lr.t() @ u_on
         # gB (T, r) is what LoRA's own backward computes for d loss / d u; grad_B = (S g)^T u needs
         # no (T, out) copy of g.
         mu = (gB.to(acc) * u2.to(acc)).sum(-1)  # Eq. 9 through the low-rank factor
-        grad_u = (gB * on.to(gB.dtype)).reshape(u.shape)  # gated-off tokens get no gradient
+        grad_u = (gB * on_u).reshape(u.shape)  # gated-off tokens get no gradient
 
         grad_base, grad_k = grad_out, None
         if k is not None:

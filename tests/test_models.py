@@ -113,7 +113,7 @@ def test_missing_model_package_is_one_line():
         resolve_source("pkg:not_a_model_pkg")
 
 
-def test_model_prepare_runs_once_per_missing_folder_before_loading(tmp_path, monkeypatch):
+def test_model_prepare_is_called_with_its_folder_before_loading(tmp_path, monkeypatch):
     from tsft.models import backbone
 
     calls = []

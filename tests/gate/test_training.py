@@ -6,6 +6,7 @@ import copy
 import datetime
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -67,6 +68,42 @@ def test_two_half_batches_accumulate_to_one_full_batch():
         assert float(gate_half.tau) == pytest.approx(float(gate_full.tau), rel=1e-6) and float(gate_full.tau) > 0
 
 
+def test_one_batched_reduction_equals_reducing_every_pass_at_once():
+    """The threshold optimizer reduces all queued passes of all gates together (several micro-batches
+    per gate included); reading g after every pass reduces each pass on its own. Same tau, same counts."""
+    batched, _, thr_batched = make()
+    eager = copy.deepcopy(batched)
+    thr_eager = ThresholdOptimizer(find_token_gates(eager))
+    for step in range(3):
+        for micro in range(2):
+            loss_fn(batched, *batch(10 * step + micro)).backward()
+            loss_fn(eager, *batch(10 * step + micro)).backward()
+            [gate.threshold_grad for gate in thr_eager.gates]  # forces a reduction per pass
+        assert all(len(gate.accounting.pending["train"]) == 2 for gate in thr_batched.gates)
+        thr_batched.step(), thr_eager.step()
+    for a, b in zip(thr_batched.gates, thr_eager.gates):
+        assert float(a.tau) == pytest.approx(float(b.tau), rel=1e-6) and float(a.tau) != 0
+        assert a.counts("train") == b.counts("train") and a.counts("train")[1] == 6 * int(batch(0)[1].sum())
+
+
+def test_queued_passes_stay_bounded_without_a_threshold_step():
+    model, _, thresholds = make()
+    gate = thresholds.gates[0]
+    reference = copy.deepcopy(model)  # same weights and tau: g of each pass, reduced one by one
+    reference_gate = find_token_gates(reference)[0]
+    passes = gate.MAX_PENDING + 5
+    expected = 0.0
+    for step in range(passes):
+        loss_fn(model, *batch(step)).backward()
+        assert len(gate.accounting.pending["train"]) < gate.MAX_PENDING
+    for step in range(passes):
+        loss_fn(reference, *batch(step)).backward()
+        expected += float(reference_gate.threshold_grad)
+        reference_gate.zero_threshold_grad()
+    assert float(gate.threshold_grad) == pytest.approx(expected, rel=1e-6)
+    assert gate.counts("train")[1] == passes * int(batch(0)[1].sum())
+
+
 @pytest.mark.parametrize("kind", ["lora", "dora", "adalora"])
 def test_resumed_run_continues_bit_for_bit(kind, tmp_path):
     model, optimizer, thresholds = make(kind)
@@ -86,12 +123,6 @@ def test_resumed_run_continues_bit_for_bit(kind, tmp_path):
     assert all(float(g.tau) != 0 for g in thresholds.gates)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _loopback_carries_tcp() -> bool:
     """Gloo talks TCP over loopback; a sandbox with `lo` down would make it wait forever."""
     try:
@@ -104,12 +135,14 @@ def _loopback_carries_tcp() -> bool:
         return False
 
 
-def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _ddp_worker(rank: int, world: int, store: str, out_dir: str) -> None:
     # Bind gloo to loopback by name: its default resolves the hostname, which a sandbox may not map.
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if os.path.exists("/sys/class/net/lo"):
         os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    # A file store for the rendezvous: no port to pick, so no race with other programs for one.
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+    )
     torch.set_num_threads(1)
     model, _, thresholds = make()
     ddp = torch.nn.parallel.DistributedDataParallel(model)
@@ -128,7 +161,15 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.skipif(not _loopback_carries_tcp(), reason="loopback is down: two gloo ranks cannot connect")
 def test_ddp_ranks_keep_identical_tau(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = mp.spawn(_ddp_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + 240
+    try:
+        while not ranks.join(timeout=5):  # raises if a rank failed
+            assert time.monotonic() < deadline, "two-rank DDP run did not finish in 240 s"
+    finally:
+        for process in ranks.processes:  # never leave a rank behind to block the interpreter's exit
+            if process.is_alive():
+                process.kill()
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert r0["g"] != r1["g"]  # the ranks' own g differ ...
     for a, b in zip(r0["tau"], r1["tau"]):

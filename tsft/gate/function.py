@@ -76,12 +76,11 @@ class GatedUpdate(torch.autograd.Function):
         width = grad_out.shape[-1]
         g = grad_out.reshape(-1, width)
         u2 = u.reshape(-1, u.shape[-1])
-        on = gate.reshape(-1, 1)
+        on = gate.reshape(-1, 1).to(u2.dtype)
         g_lr = g.to(B.dtype)
         acc = torch.promote_types(g.dtype, torch.float32)  # mu and g are accumulated in >= float32
 
-        on_u = on.to(u2.dtype)
-        u_on = u2 * on_u
+        u_on = u2 * on
         if u2.shape[-1] < 16:
             # Very thin products run 2-3x faster on CPU GEMM in transposed form, (r, out) @ (out, T) and
             # (r, T) @ (T, out), than as g @ B and g^T @ u (timed per product for r = 4, 8; from r = 16
@@ -90,9 +89,9 @@ class GatedUpdate(torch.autograd.Function):
         else:
             gB, grad_B = g_lr @ B, g_lr.t() @ u_on
         # gB (T, r) is what LoRA's own backward computes for d loss / d u; grad_B = (S g)^T u needs
-        # no (T, out) copy of g.
-        mu = (gB.to(acc) * u2.to(acc)).sum(-1)  # Eq. 9 through the low-rank factor
-        grad_u = (gB * on_u).reshape(u.shape)  # gated-off tokens get no gradient
+        # no (T, out) copy of g. mu (Eq. 9) goes through the low-rank factor: <g_i, delta_i> = <g_i B, u_i>.
+        mu = torch.linalg.vecdot(gB, u2) if gB.dtype == acc else (gB.to(acc) * u2.to(acc)).sum(-1)
+        grad_u = (gB * on).reshape(u.shape)  # gated-off tokens get no gradient
 
         grad_base, grad_k = grad_out, None
         if k is not None:
@@ -100,9 +99,9 @@ class GatedUpdate(torch.autograd.Function):
             g_frozen = (g * frozen).to(acc)  # (T, out), shared by mu and grad_k
             mu = mu + g_frozen @ k.to(acc)
             if ctx.needs_input_grad[3]:
-                grad_k = (gate.reshape(-1).to(acc) @ g_frozen).to(k.dtype)
+                grad_k = (on.reshape(-1).to(acc) @ g_frozen).to(k.dtype)
             # d out / d base = 1 + S * k, because the DoRA delta rescales the frozen output.
             grad_base = torch.addcmul(g, g * k.to(g.dtype), on.to(g.dtype)).reshape(grad_out.shape)
 
-        ctx.gate_module.accumulate_threshold_grad(mu, gate.reshape(-1), None if real is None else real.reshape(-1))
+        ctx.gate_module.accumulate_threshold_grad(mu, gate, real)
         return grad_base, grad_u, grad_B, grad_k, None, None, None, None

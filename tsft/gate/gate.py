@@ -8,10 +8,9 @@ from typing import Optional
 import torch
 from torch import nn
 
+from tsft.gate.accounting import SPLITS, GateAccounting, Record, reduce_pending
 from tsft.gate.config import GateConfig
 from tsft.gate.function import GatedUpdate, gated_sum, update_and_mask
-
-SPLITS = ("train", "eval")
 
 
 class GateContext:
@@ -33,7 +32,13 @@ class TokenGate(nn.Module):
     and AdamW never sees them (they are not parameters; names avoid ``lora_``, which AdaLoRA's
     allocator scores). The threshold gradient and token counts are plain tensors, not buffers,
     so DDP's buffer broadcast cannot overwrite one rank's partial sums with another's.
+
+    Backward and eval passes only queue their per-token records; ``tsft.gate.accounting`` reduces
+    the queues of all gates at once when they are read (``threshold_grad``, ``counts``) or when
+    the threshold optimizer steps.
     """
+
+    MAX_PENDING = 64  # records kept per split before a gate reduces its own queue (bounds memory)
 
     def __init__(self, name: str, config: GateConfig, context: GateContext) -> None:
         super().__init__()
@@ -42,9 +47,7 @@ class TokenGate(nn.Module):
         self.context = context
         for buffer in ("tau", "exp_avg", "exp_avg_sq", "step"):
             self.register_buffer(buffer, torch.zeros((), dtype=torch.float32))
-        self.threshold_grad: Optional[torch.Tensor] = None
-        self._active: dict[str, Optional[torch.Tensor]] = dict.fromkeys(SPLITS)
-        self._tokens: dict[str, Optional[torch.Tensor]] = dict.fromkeys(SPLITS)
+        self.accounting = GateAccounting()
 
     # ---------------------------------------------------------------- forward
     def forward(
@@ -58,13 +61,13 @@ class TokenGate(nn.Module):
         """``base + S * delta`` for ``delta = u B^T (+ k (base - bias))``; see tsft.gate.function."""
         real = self._real_tokens(base)
         if torch.is_grad_enabled() and (u.requires_grad or B.requires_grad or base.requires_grad):
-            # Training: statistics and g are counted in backward, which runs once per micro-batch
+            # Training: statistics and g are recorded in backward, which runs once per micro-batch
             # even when gradient checkpointing runs this forward twice.
             out, _ = GatedUpdate.apply(base, u, B, k, bias, self.tau, real, self)
             return out
         delta, gate = update_and_mask(base, u, B, k, bias, self.tau, self.config.ratio_eps)
         if not self.training:  # a no-grad pass in train mode is reentrant checkpointing's first forward
-            self._count("eval", gate, real)
+            self._record("eval", None, gate, real)
         return gated_sum(base, gate, delta)
 
     def _real_tokens(self, base: torch.Tensor) -> Optional[torch.Tensor]:
@@ -81,38 +84,38 @@ class TokenGate(nn.Module):
             f"{self.name}; call the model with an attention_mask over its input tokens (or none)"
         )
 
-    # ---------------------------------------------------------------- backward-side accounting
+    # ---------------------------------------------------------------- accounting
     def accumulate_threshold_grad(self, mu: torch.Tensor, gate: torch.Tensor, real: Optional[torch.Tensor]) -> None:
-        """Add this micro-batch's share of Eq. 15 to g and count its tokens (called from backward).
+        """Queue one backward pass's share of Eq. 15 and its token counts (called from backward)."""
+        self._record("train", mu, gate, real)
 
-        g = sum_i { 1[1(mu_i >= 0) = S_i] mu_i + lambda S_i } over real tokens only.
-        """
-        consistent = (mu >= 0) == gate
-        term = torch.where(consistent, mu, torch.zeros_like(mu)) + self.config.lam * gate.to(mu.dtype)
-        if real is not None:
-            term = term * real.to(term.dtype)
-        g = term.sum(dtype=torch.float64)
-        self.threshold_grad = g if self.threshold_grad is None else self.threshold_grad + g
-        self._count("train", gate, real)
+    def _record(self, split: str, mu: Optional[torch.Tensor], gate: torch.Tensor, real: Optional[torch.Tensor]) -> None:
+        pending = self.accounting.pending[split]
+        pending.append(Record(mu, gate, real))
+        if len(pending) >= self.MAX_PENDING:
+            reduce_pending([self])
 
-    def _count(self, split: str, gate: torch.Tensor, real: Optional[torch.Tensor]) -> None:
-        if real is None:
-            active, tokens = gate.sum(), torch.tensor(gate.numel(), device=gate.device)
-        else:
-            real = real.reshape(gate.shape)
-            active, tokens = (gate & real).sum(), real.sum()
-        if self._active[split] is None:
-            self._active[split], self._tokens[split] = active, tokens
-        else:
-            self._active[split] = self._active[split] + active
-            self._tokens[split] = self._tokens[split] + tokens
+    @property
+    def threshold_grad(self) -> Optional[torch.Tensor]:
+        """g (Eq. 15) summed over the real tokens of every backward pass since the last threshold step."""
+        reduce_pending([self])
+        return self.accounting.grad.clone() if self.accounting.has_grad else None
+
+    def zero_threshold_grad(self) -> None:
+        reduce_pending([self])  # queued records still count toward the token statistics
+        if self.accounting.grad is not None:
+            self.accounting.grad.zero_()
+        self.accounting.has_grad = False
 
     # ---------------------------------------------------------------- statistics
     def counts(self, split: str = "train") -> tuple[int, int]:
         """(gated-on real tokens, real tokens) counted since the last reset of ``split``."""
-        if self._active[split] is None:
+        reduce_pending([self])
+        counts = self.accounting.counts[split]
+        if counts is None:
             return 0, 0
-        return int(self._active[split]), int(self._tokens[split])
+        active, tokens = counts.tolist()
+        return int(active), int(tokens)
 
     def sparsity(self, split: str = "train") -> Optional[float]:
         """Eq. 21 over the real tokens seen since the last reset: the share left un-updated."""
@@ -120,8 +123,9 @@ class TokenGate(nn.Module):
         return None if tokens == 0 else 1.0 - active / tokens
 
     def reset_stats(self, split: Optional[str] = None) -> None:
+        reduce_pending([self])  # so queued g is kept while only the counts are reset
         for name in SPLITS if split is None else (split,):
-            self._active[name] = self._tokens[name] = None
+            self.accounting.counts[name] = None
 
     @property
     def layer(self) -> Optional[int]:

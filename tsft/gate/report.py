@@ -7,7 +7,8 @@ from typing import Any, Iterable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from tsft.gate.gate import SPLITS, TokenGate
+from tsft.gate.accounting import SPLITS
+from tsft.gate.gate import TokenGate
 
 
 def sparsity_report(gates: Iterable[TokenGate], split: str = "eval") -> dict[str, Any]:

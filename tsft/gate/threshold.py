@@ -7,6 +7,7 @@ from typing import Iterable, Optional
 import torch
 import torch.distributed as dist
 
+from tsft.gate.accounting import reduce_pending
 from tsft.gate.config import GateConfig
 from tsft.gate.gate import TokenGate
 
@@ -35,36 +36,40 @@ class ThresholdOptimizer:
     @torch.no_grad()
     def step(self) -> None:
         cfg = self.config
-        tau = torch.stack([gate.tau for gate in self.gates])
+        reduce_pending(self.gates)  # all gates' queued backward records in one batched pass
+        # The gates' scalars are stacked into vectors, stepped together, and written back with one
+        # foreach copy per state: per-gate Python loops cost more than the arithmetic.
+        taus = [gate.tau for gate in self.gates]
+        tau = torch.stack(taus)
         g = self._gathered_grad(tau.device).to(tau.dtype)
         if cfg.adam:
-            step = torch.stack([gate.step for gate in self.gates]) + 1
-            m = torch.stack([gate.exp_avg for gate in self.gates]).mul_(cfg.beta1).add_(g, alpha=1 - cfg.beta1)
-            v = (
-                torch.stack([gate.exp_avg_sq for gate in self.gates])
-                .mul_(cfg.beta2)
-                .addcmul_(g, g, value=1 - cfg.beta2)
-            )
+            steps, ms, vs = ([getattr(gate, name) for gate in self.gates] for name in ("step", "exp_avg", "exp_avg_sq"))
+            step = torch.stack(steps) + 1
+            m = torch.stack(ms).mul_(cfg.beta1).add_(g, alpha=1 - cfg.beta1)
+            v = torch.stack(vs).mul_(cfg.beta2).addcmul_(g, g, value=1 - cfg.beta2)
             m_hat = m / (1 - cfg.beta1**step)
             v_hat = v / (1 - cfg.beta2**step)
             tau += cfg.alpha * cfg.s * m_hat / (v_hat.sqrt() + cfg.eps)
-            for gate, *state in zip(self.gates, step, m, v):
-                gate.step.copy_(state[0])
-                gate.exp_avg.copy_(state[1])
-                gate.exp_avg_sq.copy_(state[2])
+            for state, new_values in ((steps, step), (ms, m), (vs, v)):
+                torch._foreach_copy_(state, list(new_values.unbind(0)))
         else:
             tau += cfg.alpha * cfg.s * g
-        for gate, new_tau in zip(self.gates, tau):
-            gate.tau.copy_(new_tau)
+        torch._foreach_copy_(taus, list(tau.unbind(0)))
         self.zero_grad()
 
     def zero_grad(self) -> None:
-        for gate in self.gates:
-            gate.threshold_grad = None
+        reduce_pending(self.gates)  # queued records still count toward the token statistics
+        accounts = [gate.accounting for gate in self.gates]
+        grads = [account.grad for account in accounts if account.grad is not None]
+        if grads:
+            torch._foreach_zero_(grads)
+        for account in accounts:
+            account.has_grad = False
 
     def _gathered_grad(self, device: torch.device) -> torch.Tensor:
         zero = torch.zeros((), dtype=torch.float64, device=device)
-        g = torch.stack([zero if gate.threshold_grad is None else gate.threshold_grad for gate in self.gates])
+        accounts = [gate.accounting for gate in self.gates]
+        g = torch.stack([account.grad if account.has_grad else zero for account in accounts])
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(g)  # one collective for all gates: every rank then takes the same step
         return g

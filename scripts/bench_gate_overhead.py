@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import os
 import statistics
@@ -146,6 +147,7 @@ def measure(model_name: str, steps: int, methods: list[str]) -> dict:
     model, inputs, targets, description = build(batch, seq)
     rows = {}
     for method in methods:
+        gc.collect()  # the previous method's models hold reference cycles: free them before timing
         dense = Runner(with_method(model, method, targets), inputs, gated=False)
         gated = Runner(with_method(model, method, targets), inputs, gated=True)
         memory = {"dense": dense.step(measure_memory=True)[1], "gated": gated.step(measure_memory=True)[1]}

@@ -148,10 +148,11 @@ def test_gated_update_gradcheck(with_dora, rank):
     tau = (ratios[2] + ratios[3]) / 2
 
     def fn(base, u, B, *k):
-        return GatedUpdate.apply(base, u, B, k[0] if k else None, bias, tau, None, gate)[0]
+        return GatedUpdate.apply(base, u, B, k[0] if k else None, bias, tau, None, gate)
 
     inputs = (base, u, B) + ((k,) if with_dora else ())
-    _, on = GatedUpdate.apply(base, u, B, k, bias, tau, None, gate)
+    with torch.no_grad():
+        _, on = update_and_mask(base, u, B, k, bias, tau, 1e-6)
     assert 0 < int(on.sum()) < on.numel()  # both branches of the gate are exercised
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6)
 

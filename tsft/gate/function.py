@@ -67,11 +67,10 @@ class GatedUpdate(torch.autograd.Function):
         out = gated_sum(base, gate, delta)
         ctx.gate_module = gate_module
         ctx.save_for_backward(u, B, gate, real, k, bias, base if k is not None else None)
-        ctx.mark_non_differentiable(gate)
-        return out, gate
+        return out
 
     @staticmethod
-    def backward(ctx, grad_out, _grad_gate):
+    def backward(ctx, grad_out):
         u, B, gate, real, k, bias, base = ctx.saved_tensors
         width = grad_out.shape[-1]
         g = grad_out.reshape(-1, width)

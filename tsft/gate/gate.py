@@ -63,8 +63,7 @@ class TokenGate(nn.Module):
         if torch.is_grad_enabled() and (u.requires_grad or B.requires_grad or base.requires_grad):
             # Training: statistics and g are recorded in backward, which runs once per micro-batch
             # even when gradient checkpointing runs this forward twice.
-            out, _ = GatedUpdate.apply(base, u, B, k, bias, self.tau, real, self)
-            return out
+            return GatedUpdate.apply(base, u, B, k, bias, self.tau, real, self)
         delta, gate = update_and_mask(base, u, B, k, bias, self.tau, self.config.ratio_eps)
         if not self.training:  # a no-grad pass in train mode is reentrant checkpointing's first forward
             self._record("eval", None, gate, real)

@@ -7,7 +7,7 @@ from typing import Any, Iterable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from tsft.gate.accounting import SPLITS
+from tsft.gate.accounting import SPLITS, reduce_pending
 from tsft.gate.gate import TokenGate
 
 
@@ -60,6 +60,7 @@ def sparsity_summary(gates: Iterable[TokenGate], splits: Sequence[str] = SPLITS)
 
 
 def _global_counts(gates: list[TokenGate], split: str) -> list[tuple[int, int]]:
+    reduce_pending(gates)  # every gate's queued passes in one batched reduction
     counts = torch.tensor([gate.counts(split) for gate in gates], dtype=torch.float64)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         device = gates[0].tau.device if dist.get_backend() != "gloo" else torch.device("cpu")

@@ -68,7 +68,7 @@ def test_two_half_batches_accumulate_to_one_full_batch():
         assert float(gate_half.tau) == pytest.approx(float(gate_full.tau), rel=1e-6) and float(gate_full.tau) > 0
 
 
-def test_one_batched_reduction_equals_reducing_every_pass_at_once():
+def test_one_batched_reduction_equals_reducing_each_pass_on_its_own():
     """The threshold optimizer reduces all queued passes of all gates together (several micro-batches
     per gate included); reading g after every pass reduces each pass on its own. Same tau, same counts."""
     batched, _, thr_batched = make()

@@ -1,6 +1,6 @@
 # Paper tables: run a grid (resumable) and aggregate it into results/tables/. Included by the Makefile.
 #
-#   make table3 PRESET=cpu          GLUE, 5 tasks x 6 methods, MiniLM-L6 on CPU (~80 min), then aggregate
+#   make table3 PRESET=cpu          GLUE, 5 tasks x 6 methods, MiniLM-L6 on CPU (~40 min), then aggregate
 #   make table3                     the paper's Table 3 grid (DeBERTaV3-base, Table 6, 3 seeds): needs a GPU
 #   make table1 [PRESET=cpu]        the CSR grid of Table 1 (LLaMA-3.1-8B; PRESET=cpu: the CSR helper's small model)
 #   make aggregate-table3 [PRESET=cpu]   only rebuild results/tables/table3[_cpu].{md,tex} from the runs so far

@@ -42,11 +42,8 @@ class GateAccounting:
         self.has_grad = False  # whether a backward pass has added to ``grad`` since the last step
         self.counts: dict[str, Optional[torch.Tensor]] = dict.fromkeys(SPLITS)  # (gated-on, real), float64
 
+    @torch.inference_mode(False)  # Lightning evaluates in inference mode; these accumulators outlive it
     def ensure(self, split: str, device: torch.device) -> None:
-        with torch.inference_mode(False):  # Lightning evaluates in inference mode; these outlive it
-            self._create(split, device)
-
-    def _create(self, split: str, device: torch.device) -> None:
         if self.counts[split] is None:
             self.counts[split] = torch.zeros(2, dtype=torch.float64, device=device)
         if split == "train" and self.grad is None:
@@ -89,6 +86,18 @@ def reduce_pending(gates: Iterable["TokenGate"]) -> None:
             torch._foreach_add_([accounting.grad for accounting in targets], list(rows[:, 0].unbind(0)))
             for accounting in targets:
                 accounting.has_grad = True
+
+
+def zero_grads(gates: Iterable["TokenGate"]) -> None:
+    """Start a new threshold step: g back to zero; queued passes still count toward the token statistics."""
+    gates = list(gates)
+    reduce_pending(gates)
+    accounts = [gate.accounting for gate in gates]
+    grads = [account.grad for account in accounts if account.grad is not None]
+    if grads:
+        torch._foreach_zero_(grads)
+    for account in accounts:
+        account.has_grad = False
 
 
 def _stats(records: list[Record], lam: list[float]) -> torch.Tensor:

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from tsft.gate.accounting import SPLITS, GateAccounting, Record, reduce_pending
+from tsft.gate.accounting import SPLITS, GateAccounting, Record, reduce_pending, zero_grads
 from tsft.gate.config import GateConfig
 from tsft.gate.function import GatedUpdate, gated_sum, update_and_mask
 
@@ -101,10 +101,7 @@ class TokenGate(nn.Module):
         return self.accounting.grad.clone() if self.accounting.has_grad else None
 
     def zero_threshold_grad(self) -> None:
-        reduce_pending([self])  # queued records still count toward the token statistics
-        if self.accounting.grad is not None:
-            self.accounting.grad.zero_()
-        self.accounting.has_grad = False
+        zero_grads([self])
 
     # ---------------------------------------------------------------- statistics
     def counts(self, split: str = "train") -> tuple[int, int]:

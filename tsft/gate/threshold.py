@@ -7,7 +7,7 @@ from typing import Iterable, Optional
 import torch
 import torch.distributed as dist
 
-from tsft.gate.accounting import reduce_pending
+from tsft.gate.accounting import reduce_pending, zero_grads
 from tsft.gate.config import GateConfig
 from tsft.gate.gate import TokenGate
 
@@ -58,13 +58,7 @@ class ThresholdOptimizer:
         self.zero_grad()
 
     def zero_grad(self) -> None:
-        reduce_pending(self.gates)  # queued records still count toward the token statistics
-        accounts = [gate.accounting for gate in self.gates]
-        grads = [account.grad for account in accounts if account.grad is not None]
-        if grads:
-            torch._foreach_zero_(grads)
-        for account in accounts:
-            account.has_grad = False
+        zero_grads(self.gates)
 
     def _gathered_grad(self, device: torch.device) -> torch.Tensor:
         zero = torch.zeros((), dtype=torch.float64, device=device)

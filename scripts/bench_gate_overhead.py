@@ -11,7 +11,7 @@ AdamW state plus every tensor autograd holds for backward at the end of the forw
 (deduplicated by storage). That is the peak of a training step up to transient buffers, and it
 is exact and repeatable.
 
-    python scripts/bench_gate_overhead.py [--steps 7] [--models llama minilm] [--methods lora adapter ...]
+    python scripts/bench_gate_overhead.py [--steps 101] [--models llama minilm] [--methods lora adapter ...]
                                           [--out results/bench/gate_overhead.json]
 """
 
@@ -22,6 +22,7 @@ import copy
 import gc
 import json
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -142,43 +143,61 @@ class Runner:
         return time.perf_counter() - start, peak
 
 
+def bootstrap_interval(ratios: list[float], resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """5th and 95th percentiles of the median paired ratio over bootstrap resamples of the pairs: how
+    far the reported median could move with the machine's step-to-step noise (seeded, so repeatable)."""
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
+    return medians[int(0.05 * resamples)], medians[int(0.95 * resamples) - 1]
+
+
 def measure(model_name: str, steps: int, methods: list[str]) -> dict:
     build, batch, seq = MODELS[model_name]
     model, inputs, targets, description = build(batch, seq)
     rows = {}
     for method in methods:
-        gc.collect()  # the previous method's models hold reference cycles: free them before timing
-        dense = Runner(with_method(model, method, targets), inputs, gated=False)
-        gated = Runner(with_method(model, method, targets), inputs, gated=True)
-        memory = {"dense": dense.step(measure_memory=True)[1], "gated": gated.step(measure_memory=True)[1]}
-        times = {"dense": [], "gated": []}
-        for pair in range(steps):  # alternate, and swap the order every pair
-            order = (("dense", dense), ("gated", gated)) if pair % 2 == 0 else (("gated", gated), ("dense", dense))
-            for name, runner in order:
-                times[name].append(runner.step()[0])
-        median = {k: statistics.median(v) for k, v in times.items()}
-        paired = statistics.median(g / d for d, g in zip(times["dense"], times["gated"]))
-        rows[method] = {
-            "step_s_dense": round(median["dense"], 4),
-            "step_s_gated": round(median["gated"], 4),
-            "time_ratio": round(paired, 4),
-            "time_ratio_of_medians": round(median["gated"] / median["dense"], 4),
-            "peak_mb_dense": round(memory["dense"] / 2**20, 2),
-            "peak_mb_gated": round(memory["gated"] / 2**20, 2),
-            "memory_ratio": round(memory["gated"] / memory["dense"], 4),
-        }
+        rows[method] = measure_method(model, inputs, targets, method, steps)
+        # The method's two models hold reference cycles (gates, hooks): free them before the next
+        # method is built and timed.
+        gc.collect()
+        row = rows[method]
         print(
-            f"{model_name:7s} {method:8s} step {median['dense']:.3f}s -> {median['gated']:.3f}s "
-            f"(x{rows[method]['time_ratio']:.3f})  peak {rows[method]['peak_mb_dense']:.1f} MB -> "
-            f"{rows[method]['peak_mb_gated']:.1f} MB (x{rows[method]['memory_ratio']:.3f})",
+            f"{model_name:7s} {method:8s} step {row['step_s_dense']:.3f}s -> {row['step_s_gated']:.3f}s "
+            f"(x{row['time_ratio']:.3f}, 90% interval {'-'.join(map(str, row['time_ratio_90pct_interval']))})  "
+            f"peak {row['peak_mb_dense']:.1f} MB -> {row['peak_mb_gated']:.1f} MB (x{row['memory_ratio']:.3f})",
             flush=True,
         )
     return {"description": description % (batch, seq), "methods": rows}
 
 
+def measure_method(model: nn.Module, inputs: dict, targets: list[str], method: str, steps: int) -> dict:
+    """Dense and gated copies of ``model`` with ``method``, timed in alternation; the row of the report."""
+    dense = Runner(with_method(model, method, targets), inputs, gated=False)
+    gated = Runner(with_method(model, method, targets), inputs, gated=True)
+    memory = {"dense": dense.step(measure_memory=True)[1], "gated": gated.step(measure_memory=True)[1]}
+    times = {"dense": [], "gated": []}
+    for pair in range(steps):  # alternate, and swap the order every pair
+        order = (("dense", dense), ("gated", gated)) if pair % 2 == 0 else (("gated", gated), ("dense", dense))
+        for name, runner in order:
+            times[name].append(runner.step()[0])
+    median = {k: statistics.median(v) for k, v in times.items()}
+    ratios = [g / d for d, g in zip(times["dense"], times["gated"])]
+    low, high = bootstrap_interval(ratios)
+    return {
+        "step_s_dense": round(median["dense"], 4),
+        "step_s_gated": round(median["gated"], 4),
+        "time_ratio": round(statistics.median(ratios), 4),
+        "time_ratio_90pct_interval": [round(low, 4), round(high, 4)],
+        "time_ratio_of_medians": round(median["gated"] / median["dense"], 4),
+        "peak_mb_dense": round(memory["dense"] / 2**20, 2),
+        "peak_mb_gated": round(memory["gated"] / 2**20, 2),
+        "memory_ratio": round(memory["gated"] / memory["dense"], 4),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=7, help="timed steps per variant (median reported)")
+    parser.add_argument("--steps", type=int, default=101, help="timed steps per variant (median reported)")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--methods", nargs="+", default=[m for _, m in TARGETS], choices=[m for _, m in TARGETS])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())

@@ -80,7 +80,8 @@ def reduce_pending(gates: Iterable["TokenGate"]) -> None:
             order = involved
         targets = [gates[index].accounting for index in order]
         for accounting in targets:
-            accounting.ensure(split, rows.device)
+            if accounting.counts[split] is None or (split == "train" and accounting.grad is None):
+                accounting.ensure(split, rows.device)  # first pass only: the decorator costs ~10 us a call
         torch._foreach_add_([accounting.counts[split] for accounting in targets], list(rows[:, 1:].unbind(0)))
         if split == "train":
             torch._foreach_add_([accounting.grad for accounting in targets], list(rows[:, 0].unbind(0)))

@@ -41,7 +41,9 @@ def update_and_mask(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """delta and the gate S (Eq. 3). Runs without autograd (inside GatedUpdate or under no_grad), so
     ``delta`` is a scratch tensor that may be updated in place."""
-    delta = (u @ B.t()).to(base.dtype)
+    delta = u @ B.t()
+    if delta.dtype != base.dtype:  # dtype checks in Python: a no-op ``.to`` still costs a dispatch
+        delta = delta.to(base.dtype)
     if k is not None:
         frozen = base - bias if bias is not None else base
         delta.addcmul_(frozen, k.to(base.dtype))
@@ -52,31 +54,40 @@ def update_and_mask(
     return delta, ratio >= tau
 
 
-def gated_sum(base: torch.Tensor, gate: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+def gated_sum(base: torch.Tensor, gate: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``base + S * delta``, written into ``delta``'s memory: one output-sized allocation fewer per
-    layer, which on CPU saves the page faults of a fresh buffer (several % of a step at small widths)."""
-    return torch.addcmul(base, gate.unsqueeze(-1).to(base.dtype), delta, out=delta)
+    layer, which on CPU saves the page faults of a fresh buffer (several % of a step at small widths).
+    Also returns S as a ``(..., 1)`` column in the output dtype, which backward reuses."""
+    on = gate.unsqueeze(-1).to(base.dtype)
+    return torch.addcmul(base, on, delta, out=delta), on
 
 
 class GatedUpdate(torch.autograd.Function):
-    """out = base + S * delta; backward also accumulates the threshold gradient g into the gate."""
+    """out = base + S * delta; backward also accumulates the threshold gradient g into the gate.
+
+    The layer-sized products are the ones the dense method runs too; what the gate adds per layer is
+    a fixed count of small operations, so this path avoids every conversion that is not needed
+    (each costs a dispatch, which at small widths is a visible share of the step).
+    """
 
     @staticmethod
     def forward(ctx, base, u, B, k, bias, tau, real, gate_module: "TokenGate"):
         delta, gate = update_and_mask(base, u, B, k, bias, tau, gate_module.config.ratio_eps)
-        out = gated_sum(base, gate, delta)
+        out, on = gated_sum(base, gate, delta)
         ctx.gate_module = gate_module
-        ctx.save_for_backward(u, B, gate, real, k, bias, base if k is not None else None)
+        ctx.save_for_backward(u, B, gate, on, real, k, bias, base if k is not None else None)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        u, B, gate, real, k, bias, base = ctx.saved_tensors
+        u, B, gate, on, real, k, bias, base = ctx.saved_tensors
         width = grad_out.shape[-1]
         g = grad_out.reshape(-1, width)
         u2 = u.reshape(-1, u.shape[-1])
-        on = gate.reshape(-1, 1).to(u2.dtype)
-        g_lr = g.to(B.dtype)
+        on = on.reshape(-1, 1)
+        if on.dtype != u2.dtype:
+            on = on.to(u2.dtype)
+        g_lr = g if g.dtype == B.dtype else g.to(B.dtype)
         acc = torch.promote_types(g.dtype, torch.float32)  # mu and g are accumulated in >= float32
 
         u_on = u2 * on

@@ -67,7 +67,7 @@ class TokenGate(nn.Module):
         delta, gate = update_and_mask(base, u, B, k, bias, self.tau, self.config.ratio_eps)
         if not self.training:  # a no-grad pass in train mode is reentrant checkpointing's first forward
             self._record("eval", None, gate, real)
-        return gated_sum(base, gate, delta)
+        return gated_sum(base, gate, delta)[0]
 
     def _real_tokens(self, base: torch.Tensor) -> Optional[torch.Tensor]:
         mask = self.context.token_mask

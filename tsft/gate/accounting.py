@@ -42,12 +42,18 @@ class GateAccounting:
         self.has_grad = False  # whether a backward pass has added to ``grad`` since the last step
         self.counts: dict[str, Optional[torch.Tensor]] = dict.fromkeys(SPLITS)  # (gated-on, real), float64
 
-    @torch.inference_mode(False)  # Lightning evaluates in inference mode; these accumulators outlive it
     def ensure(self, split: str, device: torch.device) -> None:
-        if self.counts[split] is None:
-            self.counts[split] = torch.zeros(2, dtype=torch.float64, device=device)
-        if split == "train" and self.grad is None:
-            self.grad = torch.zeros((), dtype=torch.float64, device=device)
+        """Create the accumulators of ``split`` on first use; called for every gate at every reduction,
+        so it only checks when they exist (entering ``inference_mode(False)`` costs ~10 us)."""
+        need_counts = self.counts[split] is None
+        need_grad = split == "train" and self.grad is None
+        if not (need_counts or need_grad):
+            return
+        with torch.inference_mode(False):  # Lightning evaluates in inference mode; these outlive it
+            if need_counts:
+                self.counts[split] = torch.zeros(2, dtype=torch.float64, device=device)
+            if need_grad:
+                self.grad = torch.zeros((), dtype=torch.float64, device=device)
 
 
 @torch.no_grad()
@@ -80,8 +86,7 @@ def reduce_pending(gates: Iterable["TokenGate"]) -> None:
             order = involved
         targets = [gates[index].accounting for index in order]
         for accounting in targets:
-            if accounting.counts[split] is None or (split == "train" and accounting.grad is None):
-                accounting.ensure(split, rows.device)  # first pass only: the decorator costs ~10 us a call
+            accounting.ensure(split, rows.device)
         torch._foreach_add_([accounting.counts[split] for accounting in targets], list(rows[:, 1:].unbind(0)))
         if split == "train":
             torch._foreach_add_([accounting.grad for accounting in targets], list(rows[:, 0].unbind(0)))

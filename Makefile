@@ -16,7 +16,7 @@ ifneq ($(TSFT_DATA_DIR),)
 export TSFT_DATA_DIR
 endif
 
-.PHONY: help install test test-slow quickstart lint clean
+.PHONY: help install test test-slow quickstart bench-gate lint clean
 
 help: ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -42,6 +42,9 @@ test-slow: install ## run only the slow tests that train on the real data in ../
 quickstart: install ## TS-LoRA on RTE with MiniLM-L6 on the CPU (a few minutes); prints accuracy and sparsity
 	@test -n "$(TSFT_DATA_DIR)" || { echo "error: no ../shared/data; set TSFT_DATA_DIR=<folder holding glue/RTE>"; exit 1; }
 	$(PY) train.py experiment=quickstart
+
+bench-gate: install ## gate cost: step time and peak memory gated / dense per method (~10 min on 2 cores)
+	$(PY) scripts/bench_gate_overhead.py
 
 lint: install ## ruff
 	$(VENV)/bin/ruff check .

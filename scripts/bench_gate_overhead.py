@@ -6,19 +6,30 @@ hits both alike. The step-time ratio is the median over the pairs of neighbourin
 gated / dense: a paired estimate, which cancels the slow drifts of a shared machine that a ratio
 of two medians keeps (that ratio is reported too, as ``time_ratio_of_medians``).
 
+Each method's pair is built ``--repeats`` times (fresh copies, so fresh memory placement) and the
+ratios of all repeats are pooled; the report keeps each repeat's median beside the pooled one.
+
+The C allocator is put in one fixed mode first (``fix_allocator``): glibc's default raises its mmap
+threshold every time a large block is freed, so early in a process each new activation buffer is a
+fresh mmap that page-faults on first touch, and later it is reused heap memory. Which mode a run
+sees depends on what the process freed before (earlier methods, model copies), and it moved the
+measured ratios by several percent. The fixed mode is the one a long training process settles in.
+
 Peak memory is counted, not sampled (CPU has no allocator peak counter): parameters, gradients and
 AdamW state plus every tensor autograd holds for backward at the end of the forward pass
 (deduplicated by storage). That is the peak of a training step up to transient buffers, and it
 is exact and repeatable.
 
-    python scripts/bench_gate_overhead.py [--steps 101] [--models llama minilm] [--methods lora adapter ...]
-                                          [--out results/bench/gate_overhead.json]
+    python scripts/bench_gate_overhead.py [--steps 41] [--repeats 3] [--models llama minilm]
+                                          [--methods lora adapter ...] [--out results/bench/gate_overhead.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
+import ctypes.util
 import gc
 import json
 import os
@@ -37,6 +48,19 @@ from tsft.gate import GateConfig, ThresholdOptimizer, add_parallel_adapters, add
 
 TARGETS = ([1.05, "lora"], [1.10, "dora"], [1.10, "adalora"], [1.05, "adapter"])
 MEMORY_TARGET = 1.05
+
+
+def fix_allocator() -> str:
+    """Keep glibc malloc in one mode for the whole run (see the module docstring); returns what was done."""
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is None or not hasattr(libc, "mallopt"):
+        return "default (no glibc mallopt)"
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from malloc.h
+    # 32 MiB is glibc's ceiling for the dynamic threshold, i.e. where a long-running process ends up.
+    if libc.mallopt(M_MMAP_THRESHOLD, 32 << 20) != 1 or libc.mallopt(M_TRIM_THRESHOLD, 1 << 30) != 1:
+        return "default (mallopt refused)"
+    return "glibc mmap threshold 32 MiB, trim threshold 1 GiB"
 
 
 def small_llama(batch: int, seq: int):
@@ -151,43 +175,51 @@ def bootstrap_interval(ratios: list[float], resamples: int = 2000, seed: int = 0
     return medians[int(0.05 * resamples)], medians[int(0.95 * resamples) - 1]
 
 
-def measure(model_name: str, steps: int, methods: list[str]) -> dict:
+def measure(model_name: str, steps: int, repeats: int, methods: list[str]) -> dict:
     build, batch, seq = MODELS[model_name]
     model, inputs, targets, description = build(batch, seq)
     rows = {}
     for method in methods:
-        rows[method] = measure_method(model, inputs, targets, method, steps)
-        # The method's two models hold reference cycles (gates, hooks): free them before the next
-        # method is built and timed.
-        gc.collect()
-        row = rows[method]
+        rows[method] = row = measure_method(model, inputs, targets, method, steps, repeats)
         print(
             f"{model_name:7s} {method:8s} step {row['step_s_dense']:.3f}s -> {row['step_s_gated']:.3f}s "
-            f"(x{row['time_ratio']:.3f}, 90% interval {'-'.join(map(str, row['time_ratio_90pct_interval']))})  "
+            f"(x{row['time_ratio']:.3f}, 90% interval {'-'.join(map(str, row['time_ratio_90pct_interval']))}, "
+            f"repeats {row['time_ratio_per_repeat']})  "
             f"peak {row['peak_mb_dense']:.1f} MB -> {row['peak_mb_gated']:.1f} MB (x{row['memory_ratio']:.3f})",
             flush=True,
         )
     return {"description": description % (batch, seq), "methods": rows}
 
 
-def measure_method(model: nn.Module, inputs: dict, targets: list[str], method: str, steps: int) -> dict:
+def measure_method(model: nn.Module, inputs: dict, targets: list[str], method: str, steps: int, repeats: int) -> dict:
     """Dense and gated copies of ``model`` with ``method``, timed in alternation; the row of the report."""
-    dense = Runner(with_method(model, method, targets), inputs, gated=False)
-    gated = Runner(with_method(model, method, targets), inputs, gated=True)
-    memory = {"dense": dense.step(measure_memory=True)[1], "gated": gated.step(measure_memory=True)[1]}
-    times = {"dense": [], "gated": []}
-    for pair in range(steps):  # alternate, and swap the order every pair
-        order = (("dense", dense), ("gated", gated)) if pair % 2 == 0 else (("gated", gated), ("dense", dense))
-        for name, runner in order:
-            times[name].append(runner.step()[0])
+    times: dict[str, list[float]] = {"dense": [], "gated": []}
+    per_repeat = []
+    for repeat in range(repeats):
+        dense = Runner(with_method(model, method, targets), inputs, gated=False)
+        gated = Runner(with_method(model, method, targets), inputs, gated=True)
+        step_memory = {"dense": dense.step(measure_memory=True)[1], "gated": gated.step(measure_memory=True)[1]}
+        if repeat == 0:
+            memory = step_memory  # counted, so the same in every repeat
+        ratios = []
+        for pair in range(steps):  # alternate, and swap the order every pair
+            order = (("dense", dense), ("gated", gated)) if pair % 2 == 0 else (("gated", gated), ("dense", dense))
+            step = {name: runner.step()[0] for name, runner in order}
+            times["dense"].append(step["dense"])
+            times["gated"].append(step["gated"])
+            ratios.append(step["gated"] / step["dense"])
+        per_repeat.append(ratios)
+        del dense, gated
+        gc.collect()  # the two models hold reference cycles (gates, hooks): free them before the next build
+    ratios = [ratio for repeat in per_repeat for ratio in repeat]
     median = {k: statistics.median(v) for k, v in times.items()}
-    ratios = [g / d for d, g in zip(times["dense"], times["gated"])]
     low, high = bootstrap_interval(ratios)
     return {
         "step_s_dense": round(median["dense"], 4),
         "step_s_gated": round(median["gated"], 4),
         "time_ratio": round(statistics.median(ratios), 4),
         "time_ratio_90pct_interval": [round(low, 4), round(high, 4)],
+        "time_ratio_per_repeat": [round(statistics.median(r), 4) for r in per_repeat],
         "time_ratio_of_medians": round(median["gated"] / median["dense"], 4),
         "peak_mb_dense": round(memory["dense"] / 2**20, 2),
         "peak_mb_gated": round(memory["gated"] / 2**20, 2),
@@ -197,20 +229,24 @@ def measure_method(model: nn.Module, inputs: dict, targets: list[str], method: s
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=101, help="timed steps per variant (median reported)")
+    parser.add_argument("--steps", type=int, default=41, help="timed pairs of steps per repeat")
+    parser.add_argument("--repeats", type=int, default=3, help="fresh builds of each method's two models")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--methods", nargs="+", default=[m for _, m in TARGETS], choices=[m for _, m in TARGETS])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", default="results/bench/gate_overhead.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    allocator = fix_allocator()
     report = {
         "what": "training-step time (median of paired gated/dense ratios) and counted peak memory, same process",
         "torch": torch.__version__,
         "threads": args.threads,
         "steps": args.steps,
+        "repeats": args.repeats,
+        "allocator": allocator,
         "targets": {"time_ratio": {m: t for t, m in TARGETS}, "memory_ratio": MEMORY_TARGET},
-        "models": {name: measure(name, args.steps, args.methods) for name in args.models},
+        "models": {name: measure(name, args.steps, args.repeats, args.methods) for name in args.models},
     }
     misses = [
         f"{name}/{method}: {key} {row[key]} > {limit}"

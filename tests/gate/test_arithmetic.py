@@ -133,7 +133,8 @@ def test_gated_off_tokens_give_peft_no_gradient():
 
 @pytest.mark.parametrize("rank", [2, 16])  # backward takes thin products (r < 16) in transposed form
 @pytest.mark.parametrize("with_dora", [False, True])
-def test_gated_update_gradcheck(with_dora, rank):
+@pytest.mark.parametrize("scale", [1.0, 0.75])  # the branch's scaling is applied inside the function
+def test_gated_update_gradcheck(with_dora, rank, scale):
     """The hand-written backward equals finite differences (float64), with S held away from tau."""
     torch.manual_seed(0)
     base = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
@@ -143,16 +144,16 @@ def test_gated_update_gradcheck(with_dora, rank):
     bias = torch.randn(5, dtype=torch.float64) if with_dora else None
     gate = add_token_gates(_any_gateable(), GateConfig())[0]
     with torch.no_grad():  # tau halfway between the middle two ratios: half the tokens on, none near the edge
-        delta, _ = update_and_mask(base, u, B, k, bias, torch.tensor(0.0), 1e-6)
+        delta, _ = update_and_mask(base, u, B * scale, k, bias, torch.tensor(0.0), 1e-6)
         ratios = (delta.norm(dim=-1) / base.norm(dim=-1)).flatten().sort().values
     tau = (ratios[2] + ratios[3]) / 2
 
     def fn(base, u, B, *k):
-        return GatedUpdate.apply(base, u, B, k[0] if k else None, bias, tau, None, gate)
+        return GatedUpdate.apply(base, u, B, scale, k[0] if k else None, bias, tau, None, gate)
 
     inputs = (base, u, B) + ((k,) if with_dora else ())
     with torch.no_grad():
-        _, on = update_and_mask(base, u, B, k, bias, tau, 1e-6)
+        _, on = update_and_mask(base, u, B * scale, k, bias, tau, 1e-6)
     assert 0 < int(on.sum()) < on.numel()  # both branches of the gate are exercised
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6)
 

@@ -2,12 +2,15 @@
 
 Every supported PEFT update has the form
 
-    delta = u @ B^T  (+ k * (base - bias)   for DoRA)
+    delta = u @ (c B)^T  (+ k * (base - bias)   for DoRA)
 
 where ``u`` is the rank-r activation of the PEFT branch (LoRA ``A dropout(x)``, AdaLoRA
-``(A * E) dropout(x)``, adapter ``act(down(dropout(x)))``) and ``B`` the up-projection with the
-branch's scaling already folded in. DoRA's ``k = m / ||W0 + s B A||_c - 1`` rescales the frozen
-output; its column norm is detached as in peft (DoRA paper §4.3), so ``k`` is a plain vector.
+``(A * E) dropout(x)``, adapter ``act(down(dropout(x)))``), ``B`` the up-projection and ``c`` the
+branch's constant scaling (LoRA ``alpha / r``, the adapter's ``scale``; DoRA passes ``c = 1`` and a
+``B`` that carries its trainable magnitude). ``c`` is applied inside the function rather than by the
+caller: a ``B * c`` outside would add an autograd node per layer. DoRA's
+``k = m / ||W0 + s B A||_c - 1`` rescales the frozen output; its column norm is detached as in peft
+(DoRA paper §4.3), so ``k`` is a plain vector.
 
 Writing the gate around this factorisation rather than around a materialised ``delta`` is what
 keeps it free: backward needs ``g B`` (r columns) for the PEFT gradient anyway, and
@@ -71,11 +74,12 @@ class GatedUpdate(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, base, u, B, k, bias, tau, real, gate_module: "TokenGate"):
-        delta, gate = update_and_mask(base, u, B, k, bias, tau, gate_module.config.ratio_eps)
+    def forward(ctx, base, u, B, scale, k, bias, tau, real, gate_module: "TokenGate"):
+        scaled_B = scaled(B, scale)
+        delta, gate = update_and_mask(base, u, scaled_B, k, bias, tau, gate_module.config.ratio_eps)
         out, on = gated_sum(base, gate, delta)
-        ctx.gate_module = gate_module
-        ctx.save_for_backward(u, B, gate, on, real, k, bias, base if k is not None else None)
+        ctx.gate_module, ctx.scale = gate_module, scale
+        ctx.save_for_backward(u, scaled_B, gate, on, real, k, bias, base if k is not None else None)
         return out
 
     @staticmethod
@@ -98,6 +102,8 @@ class GatedUpdate(torch.autograd.Function):
             gB, grad_B = (B.t() @ g_lr.t()).t(), (u_on.t() @ g_lr).t()
         else:
             gB, grad_B = g_lr @ B, g_lr.t() @ u_on
+        if not _is_one(ctx.scale):
+            grad_B *= ctx.scale  # B was saved scaled; its input was not
         # gB (T, r) is what LoRA's own backward computes for d loss / d u; grad_B = (S g)^T u needs
         # no (T, out) copy of g. mu (Eq. 9) goes through the low-rank factor: <g_i, delta_i> = <g_i B, u_i>.
         mu = torch.linalg.vecdot(gB, u2) if gB.dtype == acc else (gB.to(acc) * u2.to(acc)).sum(-1)
@@ -108,10 +114,19 @@ class GatedUpdate(torch.autograd.Function):
             frozen = (base - bias if bias is not None else base).reshape(-1, width)
             g_frozen = (g * frozen).to(acc)  # (T, out), shared by mu and grad_k
             mu = mu + g_frozen @ k.to(acc)
-            if ctx.needs_input_grad[3]:
+            if ctx.needs_input_grad[4]:
                 grad_k = (on.reshape(-1).to(acc) @ g_frozen).to(k.dtype)
             # d out / d base = 1 + S * k, because the DoRA delta rescales the frozen output.
             grad_base = torch.addcmul(g, g * k.to(g.dtype), on.to(g.dtype)).reshape(grad_out.shape)
 
         ctx.gate_module.accumulate_threshold_grad(mu, gate, real)
-        return grad_base, grad_u, grad_B, grad_k, None, None, None, None
+        return grad_base, grad_u, grad_B, None, grad_k, None, None, None, None
+
+
+def scaled(B: torch.Tensor, scale) -> torch.Tensor:
+    """``B * scale``, skipping the multiply for the common ``scale == 1``."""
+    return B if _is_one(scale) else B * scale
+
+
+def _is_one(scale) -> bool:
+    return isinstance(scale, (int, float)) and scale == 1

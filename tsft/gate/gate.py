@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import re
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
 
 from tsft.gate.accounting import SPLITS, GateAccounting, Record, reduce_pending, zero_grads
 from tsft.gate.config import GateConfig
-from tsft.gate.function import GatedUpdate, gated_sum, update_and_mask
+from tsft.gate.function import GatedUpdate, gated_sum, scaled, update_and_mask
 
 
 class GateContext:
@@ -39,13 +39,14 @@ class TokenGate(nn.Module):
     """
 
     MAX_PENDING = 64  # records kept per split before a gate reduces its own queue (bounds memory)
+    STATE = ("tau", "step", "exp_avg", "exp_avg_sq")  # the persistent buffers, in ThresholdOptimizer's order
 
     def __init__(self, name: str, config: GateConfig, context: GateContext) -> None:
         super().__init__()
         self.name = name
         self.config = config
         self.context = context
-        for buffer in ("tau", "exp_avg", "exp_avg_sq", "step"):
+        for buffer in self.STATE:
             self.register_buffer(buffer, torch.zeros((), dtype=torch.float32))
         self.accounting = GateAccounting()
 
@@ -55,16 +56,17 @@ class TokenGate(nn.Module):
         base: torch.Tensor,
         u: torch.Tensor,
         B: torch.Tensor,
+        scale: Union[float, torch.Tensor] = 1.0,
         k: Optional[torch.Tensor] = None,
         bias: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """``base + S * delta`` for ``delta = u B^T (+ k (base - bias))``; see tsft.gate.function."""
+        """``base + S * delta`` for ``delta = u (scale B)^T (+ k (base - bias))``; see tsft.gate.function."""
         real = self._real_tokens(base)
         if torch.is_grad_enabled() and (u.requires_grad or B.requires_grad or base.requires_grad):
             # Training: statistics and g are recorded in backward, which runs once per micro-batch
             # even when gradient checkpointing runs this forward twice.
-            return GatedUpdate.apply(base, u, B, k, bias, self.tau, real, self)
-        delta, gate = update_and_mask(base, u, B, k, bias, self.tau, self.config.ratio_eps)
+            return GatedUpdate.apply(base, u, B, scale, k, bias, self.tau, real, self)
+        delta, gate = update_and_mask(base, u, scaled(B, scale), k, bias, self.tau, self.config.ratio_eps)
         if not self.training:  # a no-grad pass in train mode is reentrant checkpointing's first forward
             self._record("eval", None, gate, real)
         return gated_sum(base, gate, delta)[0]
@@ -82,6 +84,11 @@ class TokenGate(nn.Module):
             f"attention_mask {tuple(mask.shape)} does not match the {tuple(positions)} positions seen by gate "
             f"{self.name}; call the model with an attention_mask over its input tokens (or none)"
         )
+
+    def state_buffers(self, names: tuple[str, ...] = STATE) -> list[torch.Tensor]:
+        """The named state buffers, read straight from the buffer table: the threshold optimizer reads
+        all of them for every gate at every step, and ``nn.Module.__getattr__`` costs ~1 us per read."""
+        return [self._buffers[name] for name in names]
 
     # ---------------------------------------------------------------- accounting
     def accumulate_threshold_grad(self, mu: torch.Tensor, gate: torch.Tensor, real: Optional[torch.Tensor]) -> None:

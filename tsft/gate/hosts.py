@@ -8,7 +8,7 @@ parameter names, so ``save_pretrained``, AdaLoRA's allocator and optimizers see 
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from peft.tuners.adalora.layer import SVDLinear
@@ -17,7 +17,8 @@ from peft.utils.integrations import dequantize_module_weight
 
 from tsft.gate.adapter import ParallelAdapterLayer
 
-Factors = tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]  # u, B (scaling folded in), DoRA k
+# u, B, the branch's constant scaling of B (applied inside the gate's autograd function), DoRA k
+Factors = tuple[torch.Tensor, torch.Tensor, Union[float, torch.Tensor], Optional[torch.Tensor]]
 
 
 class GatedLayerMixin:
@@ -33,9 +34,9 @@ class GatedLayerMixin:
         factors = self.update_factors(x)
         if factors is None:
             return base
-        u, B, k = factors
+        u, B, scale, k = factors
         bias = getattr(self.get_base_layer(), "bias", None) if k is not None else None
-        return self.token_gate(base, u, B, k, bias)
+        return self.token_gate(base, u, B, scale, k, bias)
 
     def update_factors(self, x: torch.Tensor) -> Optional[Factors]:
         raise NotImplementedError
@@ -69,15 +70,14 @@ class GatedLoraLinear(GatedLayerMixin, lora_layer.Linear):
         lora_A, lora_B = self.lora_A[adapter], self.lora_B[adapter]
         scaling = self.scaling[adapter]
         u = lora_A(self.lora_dropout[adapter](self._cast_input_dtype(x, lora_A.weight.dtype)))
-        B = lora_B.weight * scaling
         if adapter not in self.lora_variant:
-            return u, B, None
+            return u, lora_B.weight, scaling, None
         dora = self.lora_magnitude_vector[adapter]
         with torch.no_grad():  # the column norm is a constant in DoRA's gradient (DoRA §4.3, as in peft)
             weight = dequantize_module_weight(self.get_base_layer()).to(u.dtype)
             norm = dora.get_weight_norm(weight, lora_B.weight @ lora_A.weight, scaling, adapter_name=adapter)
-        magnitude_scale = dora.weight / norm
-        return u, B * magnitude_scale.unsqueeze(1), magnitude_scale - 1
+        magnitude_scale = dora.weight / norm  # trainable, so it goes into B through autograd
+        return u, lora_B.weight * (scaling * magnitude_scale.unsqueeze(1)), 1.0, magnitude_scale - 1
 
 
 class GatedSVDLinear(GatedLayerMixin, SVDLinear):
@@ -90,15 +90,14 @@ class GatedSVDLinear(GatedLayerMixin, SVDLinear):
         lora_A, lora_E = self.lora_A[adapter], self.lora_E[adapter]
         x = self._cast_input_dtype(self.lora_dropout[adapter](x), lora_A.dtype)
         u = x @ (lora_A * lora_E).t()
-        B = self.lora_B[adapter] * (self.scaling[adapter] / (self.ranknum[adapter] + 1e-5))
-        return u, B, None
+        return u, self.lora_B[adapter], self.scaling[adapter] / (self.ranknum[adapter] + 1e-5), None
 
 
 class GatedParallelAdapter(GatedLayerMixin, ParallelAdapterLayer):
     """Parallel Adapter ``delta = up(act(down(dropout(x)))) * scale``."""
 
     def update_factors(self, x: torch.Tensor) -> Optional[Factors]:
-        return self.bottleneck(x), self.adapter_up.weight * self.scale, None
+        return self.bottleneck(x), self.adapter_up.weight, self.scale, None
 
     def get_base_layer(self) -> torch.nn.Module:
         return self.base_layer

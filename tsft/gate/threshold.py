@@ -37,24 +37,25 @@ class ThresholdOptimizer:
     def step(self) -> None:
         cfg = self.config
         reduce_pending(self.gates)  # all gates' queued backward records in one batched pass
-        # The gates' scalars are stacked into vectors, stepped together, and written back with one
-        # foreach copy per state: per-gate Python loops cost more than the arithmetic.
-        taus = [gate.tau for gate in self.gates]
-        tau = torch.stack(taus)
-        g = self._gathered_grad(tau.device).to(tau.dtype)
+        # The gates' scalars are stacked into one (4, gates) matrix, stepped together as vectors, and
+        # written back with one foreach copy: per-gate Python loops, or one stack and copy per state,
+        # cost more than the arithmetic.
+        names = TokenGate.STATE if cfg.adam else ("tau",)
+        per_gate = [gate.state_buffers(names) for gate in self.gates]
+        buffers = [per_gate[i][row] for row in range(len(names)) for i in range(len(self.gates))]
+        state = torch.stack(buffers).view(len(names), len(self.gates))
+        g = self._gathered_grad(state.device).to(state.dtype)
         if cfg.adam:
-            steps, ms, vs = ([getattr(gate, name) for gate in self.gates] for name in ("step", "exp_avg", "exp_avg_sq"))
-            step = torch.stack(steps) + 1
-            m = torch.stack(ms).mul_(cfg.beta1).add_(g, alpha=1 - cfg.beta1)
-            v = torch.stack(vs).mul_(cfg.beta2).addcmul_(g, g, value=1 - cfg.beta2)
+            tau, step, m, v = state.unbind(0)
+            step += 1
+            m.mul_(cfg.beta1).add_(g, alpha=1 - cfg.beta1)
+            v.mul_(cfg.beta2).addcmul_(g, g, value=1 - cfg.beta2)
             m_hat = m / (1 - cfg.beta1**step)
             v_hat = v / (1 - cfg.beta2**step)
             tau += cfg.alpha * cfg.s * m_hat / (v_hat.sqrt() + cfg.eps)
-            for state, new_values in ((steps, step), (ms, m), (vs, v)):
-                torch._foreach_copy_(state, list(new_values.unbind(0)))
         else:
-            tau += cfg.alpha * cfg.s * g
-        torch._foreach_copy_(taus, list(tau.unbind(0)))
+            state[0] += cfg.alpha * cfg.s * g
+        torch._foreach_copy_(buffers, list(state.view(-1).unbind(0)))
         self.zero_grad()
 
     def zero_grad(self) -> None:

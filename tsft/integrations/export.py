@@ -21,11 +21,12 @@ from torch import nn
 from tsft.gate.adapter import ParallelAdapterLayer, adapter_state_dict, add_parallel_adapters
 from tsft.gate.attach import add_token_gates, find_token_gates
 from tsft.gate.config import GateConfig
+from tsft.gate.gate import TokenGate
 
 GATE_FILE = "token_gates.json"
 ADAPTER_SETTINGS_FILE = "tsft_adapter.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
-_GATE_BUFFERS = ("tau", "exp_avg", "exp_avg_sq", "step")
+_GATE_BUFFERS = TokenGate.STATE
 PathLike = Union[str, os.PathLike]
 
 

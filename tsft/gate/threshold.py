@@ -42,7 +42,7 @@ class ThresholdOptimizer:
         # cost more than the arithmetic.
         names = TokenGate.STATE if cfg.adam else ("tau",)
         per_gate = [gate.state_buffers(names) for gate in self.gates]
-        buffers = [per_gate[i][row] for row in range(len(names)) for i in range(len(self.gates))]
+        buffers = [buffer for row in zip(*per_gate) for buffer in row]  # state-major: row j = names[j]
         state = torch.stack(buffers).view(len(names), len(self.gates))
         g = self._gathered_grad(state.device).to(state.dtype)
         if cfg.adam:

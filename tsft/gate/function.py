@@ -114,7 +114,7 @@ class GatedUpdate(torch.autograd.Function):
             frozen = (base - bias if bias is not None else base).reshape(-1, width)
             g_frozen = (g * frozen).to(acc)  # (T, out), shared by mu and grad_k
             mu = mu + g_frozen @ k.to(acc)
-            if ctx.needs_input_grad[4]:
+            if ctx.needs_input_grad[4]:  # k
                 grad_k = (on.reshape(-1).to(acc) @ g_frozen).to(k.dtype)
             # d out / d base = 1 + S * k, because the DoRA delta rescales the frozen output.
             grad_base = torch.addcmul(g, g * k.to(g.dtype), on.to(g.dtype)).reshape(grad_out.shape)

@@ -37,9 +37,8 @@ class ThresholdOptimizer:
     def step(self) -> None:
         cfg = self.config
         reduce_pending(self.gates)  # all gates' queued backward records in one batched pass
-        # The gates' scalars are stacked into one (4, gates) matrix, stepped together as vectors, and
-        # written back with one foreach copy: per-gate Python loops, or one stack and copy per state,
-        # cost more than the arithmetic.
+        # The gates' scalars are stacked into one (states, gates) matrix, stepped together as vectors,
+        # and written back with one foreach copy: per-gate Python loops cost more than the arithmetic.
         names = TokenGate.STATE if cfg.adam else ("tau",)
         per_gate = [gate.state_buffers(names) for gate in self.gates]
         buffers = [buffer for row in zip(*per_gate) for buffer in row]  # state-major: row j = names[j]

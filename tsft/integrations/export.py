@@ -26,7 +26,6 @@ from tsft.gate.gate import TokenGate
 GATE_FILE = "token_gates.json"
 ADAPTER_SETTINGS_FILE = "tsft_adapter.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
-_GATE_BUFFERS = TokenGate.STATE
 PathLike = Union[str, os.PathLike]
 
 
@@ -39,7 +38,7 @@ def save_gate_state(model: nn.Module, directory: PathLike) -> Path:
         "format": "tsft-token-gates",
         "version": 1,
         "config": gates[0].config.to_dict(),
-        "gates": {g.name: {b: float(getattr(g, b)) for b in _GATE_BUFFERS} for g in gates},
+        "gates": {g.name: {b: float(getattr(g, b)) for b in TokenGate.STATE} for g in gates},
     }
     path = Path(directory) / GATE_FILE
     _write_atomically(path, json.dumps(state, indent=1))

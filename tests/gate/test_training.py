@@ -208,3 +208,48 @@ def test_gradient_checkpointing_does_not_double_count(reentrant):
     for plain, checkpointed in zip(*results):
         assert checkpointed[:2] == plain[:2]
         assert checkpointed[2] == pytest.approx(plain[2], rel=1e-5)
+
+
+# ---------------------------------------------------------------- the optimizer's shared gate state
+def test_replaced_state_buffers_are_picked_up_by_the_next_step():
+    """The optimizer steps all gates' state as one matrix whose entries are the gates' buffers; a
+    buffer replaced rather than updated in place (assignment, load_state_dict(assign=True)) must be
+    re-linked, not stepped in a stale copy."""
+    model, optimizer, thresholds = make()
+    reference, ref_optimizer, ref_thresholds = make()
+    train(model, optimizer, thresholds, range(2))
+    train(reference, ref_optimizer, ref_thresholds, range(2))
+    gate_state = {k: v.clone() for k, v in model.state_dict().items() if "token_gate" in k}
+    model.load_state_dict(gate_state, strict=False, assign=True)  # every gate buffer is now a new tensor
+    gate = thresholds.gates[0]
+    gate.tau = torch.tensor(0.25)  # and one is set by hand
+    ref_thresholds.gates[0].tau.fill_(0.25)
+    train(model, optimizer, thresholds, range(2, 4))
+    train(reference, ref_optimizer, ref_thresholds, range(2, 4))
+    for a, b in zip(thresholds.gates, ref_thresholds.gates):
+        for name in a.STATE:
+            assert float(getattr(a, name)) == float(getattr(b, name)), (a.name, name)
+    assert float(gate.tau) != 0.25  # the step moved the new buffer itself
+
+
+def test_gate_state_in_state_dict_does_not_share_memory(tmp_path):
+    """The linked buffers are views of one matrix; state_dict hands out copies so safetensors (which
+    refuses tensors sharing memory) can save a gated model."""
+    from safetensors.torch import save_file
+
+    model, optimizer, thresholds = make()
+    train(model, optimizer, thresholds, range(1))
+    gate_state = {k: v for k, v in model.state_dict().items() if "token_gate" in k}
+    assert len({v.untyped_storage().data_ptr() for v in gate_state.values()}) == len(gate_state)
+    save_file(gate_state, str(tmp_path / "gates.safetensors"))
+
+
+def test_second_optimizer_over_the_same_gates_keeps_the_first_correct():
+    """A later ThresholdOptimizer moves the gates' sums into its own table; the first one must notice."""
+    model, optimizer, thresholds = make()
+    reference, ref_optimizer, ref_thresholds = make()
+    ThresholdOptimizer(thresholds.gates[:1])  # takes over the first gate's row
+    train(model, optimizer, thresholds, range(3))
+    train(reference, ref_optimizer, ref_thresholds, range(3))
+    assert [float(g.tau) for g in thresholds.gates] == [float(g.tau) for g in ref_thresholds.gates]
+    assert all(float(g.tau) != 0 for g in thresholds.gates)

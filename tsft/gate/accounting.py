@@ -4,6 +4,10 @@ Gates only queue one small record per pass (``mu`` per token in backward, the ga
 real-token mask); ``reduce_pending`` turns the queues of many gates into their g and counts in one
 stacked pass. Reducing inside every layer's backward took ~15 small tensor ops per layer, which
 cost more than the gate's own arithmetic at the widths of small models.
+
+The sums themselves are rows of an ``AccountingTable`` shared by the gates of one threshold
+optimizer, so adding one step's records of every gate is one ``index_add_`` per split and the
+optimizer reads all g as one vector (per-gate scalars took a stack and an unbind over all gates per step).
 """
 
 from __future__ import annotations
@@ -27,33 +31,63 @@ class Record(NamedTuple):
     real: Optional[torch.Tensor]  # bool, token-shaped; None when every position is a real token
 
 
+class AccountingTable:
+    """g and (gated-on, real) token counts of several gates, one row per gate, in float64."""
+
+    def __init__(self, size: int, device: torch.device) -> None:
+        with torch.inference_mode(False):  # Lightning evaluates in inference mode; the sums outlive it
+            self.grad = torch.zeros(size, dtype=torch.float64, device=device)
+            self.counts = {split: torch.zeros(size, 2, dtype=torch.float64, device=device) for split in SPLITS}
+
+    def to(self, device: torch.device) -> None:
+        with torch.inference_mode(False):
+            self.grad = self.grad.to(device)
+            self.counts = {split: counts.to(device) for split, counts in self.counts.items()}
+
+
 class GateAccounting:
-    """What one gate has counted: queued records, g since the last threshold step, token counts.
+    """What one gate has counted: its queued records and its row of an ``AccountingTable``.
 
     A plain object rather than module attributes: it is touched for every gate at every step, and
     ``nn.Module`` attribute access is several times slower than a plain one.
     """
 
-    __slots__ = ("pending", "grad", "has_grad", "counts")
+    __slots__ = ("pending", "table", "index", "has_grad")
 
     def __init__(self) -> None:
         self.pending: dict[str, list[Record]] = {split: [] for split in SPLITS}
-        self.grad: Optional[torch.Tensor] = None  # g (Eq. 15), float64 scalar, zeroed in place per step
-        self.has_grad = False  # whether a backward pass has added to ``grad`` since the last step
-        self.counts: dict[str, Optional[torch.Tensor]] = dict.fromkeys(SPLITS)  # (gated-on, real), float64
+        self.table: Optional[AccountingTable] = None  # created on the first reduction, or by share_table
+        self.index = 0
+        self.has_grad = False  # whether a backward pass has added to g since the last threshold step
 
-    def ensure(self, split: str, device: torch.device) -> None:
-        """Create the accumulators of ``split`` on first use; called for every gate at every reduction,
-        so it only checks when they exist (entering ``inference_mode(False)`` costs ~10 us)."""
-        need_counts = self.counts[split] is None
-        need_grad = split == "train" and self.grad is None
-        if not (need_counts or need_grad):
-            return
-        with torch.inference_mode(False):  # Lightning evaluates in inference mode; these outlive it
-            if need_counts:
-                self.counts[split] = torch.zeros(2, dtype=torch.float64, device=device)
-            if need_grad:
-                self.grad = torch.zeros((), dtype=torch.float64, device=device)
+    def grad(self) -> Optional[torch.Tensor]:
+        return self.table.grad[self.index] if self.has_grad else None
+
+    def counts(self, split: str) -> tuple[int, int]:
+        if self.table is None:
+            return 0, 0
+        active, tokens = self.table.counts[split][self.index].tolist()
+        return int(active), int(tokens)
+
+    def reset_counts(self, split: str) -> None:
+        if self.table is not None:
+            self.table.counts[split][self.index].zero_()
+
+
+def share_table(gates: Iterable["TokenGate"], device: torch.device) -> AccountingTable:
+    """Move the sums of ``gates`` (keeping what they counted) into one new table, in this order."""
+    gates = list(gates)
+    reduce_pending(gates)
+    accounts = [gate.accounting for gate in gates]
+    table = AccountingTable(len(accounts), device)
+    for index, account in enumerate(accounts):
+        if account.table is not None:
+            old = account.table
+            table.grad[index] = old.grad[account.index]
+            for split in SPLITS:
+                table.counts[split][index] = old.counts[split][account.index]
+        account.table, account.index = table, index
+    return table
 
 
 @torch.no_grad()
@@ -62,48 +96,58 @@ def reduce_pending(gates: Iterable["TokenGate"]) -> None:
 
     g = sum_i { 1[1(mu_i >= 0) = S_i] mu_i + lambda S_i } over real tokens only (Eq. 15).
     """
-    gates = list(gates)
-    groups: dict[tuple, list[tuple[int, Record]]] = {}
-    for index, gate in enumerate(gates):
+    groups: dict[tuple, list[tuple["TokenGate", Record]]] = {}
+    for gate in gates:
         for split, pending in gate.accounting.pending.items():
             for record in pending:
                 mu_dtype = None if record.mu is None else record.mu.dtype
                 key = (split, record.gate.numel(), record.gate.device, mu_dtype, record.real is None)
-                groups.setdefault(key, []).append((index, record))
+                groups.setdefault(key, []).append((gate, record))
             pending.clear()
-    by_split: dict[str, list[tuple[torch.Tensor, list[int]]]] = {}
     for (split, *_), entries in groups.items():
-        lam = [gates[index].config.lam for index, _ in entries]
-        rows = _stats([record for _, record in entries], lam)
-        by_split.setdefault(split, []).append((rows, [index for index, _ in entries]))
-    for split, parts in by_split.items():
-        rows = parts[0][0] if len(parts) == 1 else torch.cat([part_rows for part_rows, _ in parts])
-        order = [index for _, indices in parts for index in indices]
-        if len(set(order)) < len(order):  # several micro-batches of one gate: sum them per gate first
-            involved = sorted(set(order))
-            per_gate = torch.zeros(len(gates), 3, dtype=rows.dtype, device=rows.device)
-            rows = per_gate.index_add_(0, torch.tensor(order, device=rows.device), rows)[involved]
-            order = involved
-        targets = [gates[index].accounting for index in order]
-        for accounting in targets:
-            accounting.ensure(split, rows.device)
-        torch._foreach_add_([accounting.counts[split] for accounting in targets], list(rows[:, 1:].unbind(0)))
+        rows = _stats([record for _, record in entries], [gate.config.lam for gate, _ in entries])
+        accounts = [gate.accounting for gate, _ in entries]
+        for table, (positions, indices) in _by_table(accounts, rows.device).items():
+            part = rows if len(positions) == len(rows) else rows[positions]
+            index = torch.tensor(indices, device=rows.device)  # repeats (micro-batches of one gate) add up
+            table.counts[split].index_add_(0, index, part[:, 1:])
+            if split == "train":
+                table.grad.index_add_(0, index, part[:, 0])
         if split == "train":
-            torch._foreach_add_([accounting.grad for accounting in targets], list(rows[:, 0].unbind(0)))
-            for accounting in targets:
-                accounting.has_grad = True
+            for account in accounts:
+                account.has_grad = True
 
 
 def zero_grads(gates: Iterable["TokenGate"]) -> None:
     """Start a new threshold step: g back to zero; queued passes still count toward the token statistics."""
     gates = list(gates)
     reduce_pending(gates)
-    accounts = [gate.accounting for gate in gates]
-    grads = [account.grad for account in accounts if account.grad is not None]
-    if grads:
-        torch._foreach_zero_(grads)
-    for account in accounts:
-        account.has_grad = False
+    accounts = [gate.accounting for gate in gates if gate.accounting.table is not None]
+    for table, (_, indices) in _by_table(accounts).items():
+        if len(set(indices)) == len(table.grad):
+            table.grad.zero_()
+        else:
+            table.grad.index_fill_(0, torch.tensor(indices, device=table.grad.device), 0)
+    for gate in gates:
+        gate.accounting.has_grad = False
+
+
+def _by_table(
+    accounts: list[GateAccounting], device: Optional[torch.device] = None
+) -> dict[AccountingTable, tuple[list[int], list[int]]]:
+    """Accounts grouped by table: their positions in ``accounts`` and their rows in the table. Given a
+    ``device``, an account without a table gets one of its own there, and tables elsewhere move there."""
+    groups: dict[AccountingTable, tuple[list[int], list[int]]] = {}
+    for position, account in enumerate(accounts):
+        if device is not None:
+            if account.table is None:
+                account.table, account.index = AccountingTable(1, device), 0
+            elif account.table.grad.device != device:
+                account.table.to(device)
+        positions, rows = groups.setdefault(account.table, ([], []))
+        positions.append(position)
+        rows.append(account.index)
+    return groups
 
 
 def _stats(records: list[Record], lam: list[float]) -> torch.Tensor:

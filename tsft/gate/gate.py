@@ -49,6 +49,7 @@ class TokenGate(nn.Module):
         for buffer in self.STATE:
             self.register_buffer(buffer, torch.zeros((), dtype=torch.float32))
         self.accounting = GateAccounting()
+        self.register_state_dict_post_hook(TokenGate._own_state_copies)
 
     # ---------------------------------------------------------------- forward
     def forward(
@@ -90,6 +91,22 @@ class TokenGate(nn.Module):
         all of them for every gate at every step, and ``nn.Module.__getattr__`` costs ~1 us per read."""
         return [self._buffers[name] for name in names]
 
+    def use_state_storage(self, column: torch.Tensor) -> None:
+        """Make the state buffers views of ``column`` (one entry per name in STATE), keeping their values:
+        a ThresholdOptimizer keeps all gates' state in one matrix and steps it as a whole."""
+        with torch.no_grad():
+            column.copy_(torch.stack(self.state_buffers()))
+        for name, view in zip(self.STATE, column.unbind(0)):
+            self._buffers[name] = view
+
+    @staticmethod
+    def _own_state_copies(module: "TokenGate", state_dict: dict, prefix: str, local_metadata: dict) -> None:
+        """state_dict hook: copies of the state buffers, which may be views of one shared matrix
+        (``use_state_storage``); safetensors refuses to save tensors that share memory."""
+        for name in module.STATE:
+            if prefix + name in state_dict:
+                state_dict[prefix + name] = state_dict[prefix + name].clone()
+
     # ---------------------------------------------------------------- accounting
     def accumulate_threshold_grad(self, mu: torch.Tensor, gate: torch.Tensor, real: Optional[torch.Tensor]) -> None:
         """Queue one backward pass's share of Eq. 15 and its token counts (called from backward)."""
@@ -105,7 +122,8 @@ class TokenGate(nn.Module):
     def threshold_grad(self) -> Optional[torch.Tensor]:
         """g (Eq. 15) summed over the real tokens of every backward pass since the last threshold step."""
         reduce_pending([self])
-        return self.accounting.grad.clone() if self.accounting.has_grad else None
+        grad = self.accounting.grad()
+        return None if grad is None else grad.clone()
 
     def zero_threshold_grad(self) -> None:
         zero_grads([self])
@@ -114,11 +132,7 @@ class TokenGate(nn.Module):
     def counts(self, split: str = "train") -> tuple[int, int]:
         """(gated-on real tokens, real tokens) counted since the last reset of ``split``."""
         reduce_pending([self])
-        counts = self.accounting.counts[split]
-        if counts is None:
-            return 0, 0
-        active, tokens = counts.tolist()
-        return int(active), int(tokens)
+        return self.accounting.counts(split)
 
     def sparsity(self, split: str = "train") -> Optional[float]:
         """Eq. 21 over the real tokens seen since the last reset: the share left un-updated."""
@@ -128,7 +142,7 @@ class TokenGate(nn.Module):
     def reset_stats(self, split: Optional[str] = None) -> None:
         reduce_pending([self])  # so queued g is kept while only the counts are reset
         for name in SPLITS if split is None else (split,):
-            self.accounting.counts[name] = None
+            self.accounting.reset_counts(name)
 
     @property
     def layer(self) -> Optional[int]:

@@ -19,9 +19,8 @@ measured ratios by several percent. The fixed mode is the one a long training pr
 
 Peak memory is counted, not sampled (CPU has no allocator peak counter): parameters, gradients and
 AdamW state plus every tensor autograd holds for backward at the end of the forward pass
-(deduplicated by storage address). That is the peak of a training step up to transient buffers.
-It repeats exactly for the gated models; peft's dense DoRA frees graph pieces during its forward,
-whose addresses can be reused, so its count varied by a few percent between runs.
+(deduplicated by storage, counting only what is still held then). That is the peak of a training
+step up to transient buffers, and it repeats exactly.
 
     python scripts/bench_gate_overhead.py [--steps 41] [--repeats 3] [--models llama minilm]
                                           [--methods lora adapter ...] [--out results/bench/gate_overhead.json]
@@ -42,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -121,18 +121,31 @@ def with_method(model: nn.Module, method: str, targets: list[str]) -> nn.Module:
 
 
 class SavedTensorBytes:
-    """Bytes autograd keeps for backward, counted once per storage."""
+    """Bytes autograd keeps for backward at the end of the forward, counted once per storage.
+
+    Saved tensors are held by weak reference and counted when ``total`` is called: a graph piece
+    freed during the forward (peft's DoRA builds one for its detached weight norm) takes its saved
+    tensors with it, and the address of a freed storage can be reused by a later one.
+    """
 
     def __init__(self) -> None:
-        self.storages: dict[int, int] = {}
+        self.saved: list[weakref.ref] = []
 
     def pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        self.storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
+        # A detached alias (same storage): keeping the tensor itself would tie a saved output to its
+        # own grad_fn in a reference cycle, which outlives the graph piece until the next gc.
+        alias = tensor.detach()
+        self.saved.append(weakref.ref(alias))
+        return alias
 
     def total(self) -> int:
-        return sum(self.storages.values())
+        storages = {}
+        for ref in self.saved:
+            tensor = ref()
+            if tensor is not None:
+                storage = tensor.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+        return sum(storages.values())
 
 
 def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
@@ -157,6 +170,7 @@ class Runner:
         if measure_memory:
             with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
                 loss = self.model(**self.inputs).loss
+            saved_bytes = saved.total()  # what the graph holds now, at the end of the forward
         else:
             loss = self.model(**self.inputs).loss
         loss.backward()
@@ -165,7 +179,7 @@ class Runner:
             self.thresholds.step()
         if self.allocate is not None:
             self.allocate(self.steps)
-        peak = state_bytes(self.model, self.optimizer) + saved.total() if measure_memory else 0
+        peak = state_bytes(self.model, self.optimizer) + saved_bytes if measure_memory else 0
         self.optimizer.zero_grad(set_to_none=False)
         self.steps += 1
         return time.perf_counter() - start, peak

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -17,6 +19,15 @@ SHARED_DATA = Path(os.environ.get("TSFT_DATA_DIR") or REPO_ROOT.parent / "shared
 needs_shared_glue = pytest.mark.skipif(
     not (SHARED_DATA / "glue").is_dir(), reason=f"no real GLUE data at {SHARED_DATA}/glue"
 )
+
+
+def load_script(name: str) -> ModuleType:
+    """``scripts/<name>.py`` imported as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 RTE_HEADER = "index\tsentence1\tsentence2\tlabel"
 

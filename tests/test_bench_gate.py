@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_gate_overhead.py"
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_gate_overhead", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import load_script
 
 
 def test_saved_bytes_count_only_what_the_graph_still_holds():
     """A graph piece freed during the forward (as peft's DoRA builds for its detached weight norm)
     must not count, nor may a storage be counted twice."""
-    saved = load_bench().SavedTensorBytes()
+    saved = load_script("bench_gate_overhead").SavedTensorBytes()
     x = torch.randn(1000, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
         kept = x.exp()  # ExpBackward keeps its output: 4000 bytes

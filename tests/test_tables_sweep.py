@@ -1,18 +1,7 @@
 """scripts/sweep_summary.py: a λ sweep becomes a printed table and a PNG figure."""
 
-import importlib.util
-from pathlib import Path
-
+from tests.helpers import load_script
 from tests.test_tables_aggregate import write_run
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "sweep_summary.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("sweep_summary", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def sweep_runs(root, model_scale=None):
@@ -35,7 +24,7 @@ def sweep_runs(root, model_scale=None):
 def test_sweep_plot_and_table(tmp_path, capsys):
     runs, out = tmp_path / "runs", tmp_path / "figures"
     sweep_runs(runs)
-    assert load_script().main(["--runs", str(runs), "--out", str(out)]) == 0
+    assert load_script("sweep_summary").main(["--runs", str(runs), "--out", str(out)]) == 0
     figure = out / "rte_ts-lora_lambda.png"
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in out.iterdir()] == [figure.name]  # no temporary file left behind
@@ -51,7 +40,7 @@ def test_sweep_refuses_to_pool_models(tmp_path, capsys):
     runs = tmp_path / "runs"
     sweep_runs(runs / "a")
     sweep_runs(runs / "b", model_scale={"model": "tiny-bert"})
-    script = load_script()
+    script = load_script("sweep_summary")
     assert script.main(["--runs", str(runs), "--out", str(tmp_path / "f")]) == 1
     assert "choose with --model/--preset" in capsys.readouterr().err
     assert script.main(["--runs", str(runs), "--out", str(tmp_path / "f"), "--model", "tiny-bert"]) == 0
@@ -59,5 +48,5 @@ def test_sweep_refuses_to_pool_models(tmp_path, capsys):
 
 
 def test_sweep_without_runs_fails_clearly(tmp_path, capsys):
-    assert load_script().main(["--runs", str(tmp_path), "--out", str(tmp_path / "f")]) == 1
+    assert load_script("sweep_summary").main(["--runs", str(tmp_path), "--out", str(tmp_path / "f")]) == 1
     assert "no TS runs with a λ" in capsys.readouterr().err

@@ -22,7 +22,7 @@ AdamW state plus every tensor autograd holds for backward at the end of the forw
 (deduplicated by storage, counting only what is still held then). That is the peak of a training
 step up to transient buffers, and it repeats exactly.
 
-    python scripts/bench_gate_overhead.py [--steps 41] [--repeats 3] [--models llama minilm]
+    python scripts/bench_gate_overhead.py [--steps 41] [--repeats 3] [--models llama smollm2 minilm]
                                           [--methods lora adapter ...] [--out results/bench/gate_overhead.json]
 """
 
@@ -67,23 +67,36 @@ def fix_allocator() -> str:
     return "glibc mmap threshold 32 MiB, trim threshold 1 GiB"
 
 
-def small_llama(batch: int, seq: int):
+def random_llama(batch: int, seq: int, hidden: int, intermediate: int, heads: int, kv_heads: int, description: str):
+    """A randomly initialised 4-layer Llama with a 2048-token vocabulary, so the step is the layers' cost
+    (a real vocabulary's output head would dominate it and dilute every ratio)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=2048,
-        hidden_size=256,
-        intermediate_size=688,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
         num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=seq,
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     ids = torch.randint(0, config.vocab_size, (batch, seq))
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-    return model, inputs, ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"], "Llama 4x256 (random), batch %dx%d"
+    return model, inputs, ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"], description
+
+
+def small_llama(batch: int, seq: int):
+    # Narrower than any real model: the gate's fixed per-layer cost weighs most here (its worst case).
+    return random_llama(batch, seq, 256, 688, 4, 4, "Llama 4x256 (random), batch %dx%d")
+
+
+def smollm2_shaped(batch: int, seq: int):
+    # The layer shape of SmolLM2-135M, the project's CSR model (width 576, MLP 1536, 9 heads, 3 KV heads).
+    description = "Llama 4x576, SmolLM2-135M layer shape (random, 4 of its 30 layers, vocab 2048), batch %dx%d"
+    return random_llama(batch, seq, 576, 1536, 9, 3, description)
 
 
 def minilm(batch: int, seq: int):
@@ -98,7 +111,7 @@ def minilm(batch: int, seq: int):
     return model, inputs, targets, "all-MiniLM-L6-v2 (real), batch %dx%d"
 
 
-MODELS = {"llama": (small_llama, 4, 128), "minilm": (minilm, 8, 128)}
+MODELS = {"llama": (small_llama, 4, 128), "smollm2": (smollm2_shaped, 4, 128), "minilm": (minilm, 8, 128)}
 
 
 def with_method(model: nn.Module, method: str, targets: list[str]) -> nn.Module:

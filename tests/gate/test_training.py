@@ -239,6 +239,17 @@ def test_replaced_state_buffers_are_picked_up_by_the_next_step():
     assert float(gate.tau) != 0.25  # the step moved the new buffer itself
 
 
+def test_buffers_held_from_before_the_first_step_stay_live():
+    """DDP collects a model's buffers once, when it wraps the model (after the threshold optimizer is
+    built, in Lightning and with the HF Trainer); its buffer broadcast must write the tensors the
+    optimizer steps, not copies the first step left behind."""
+    model, optimizer, thresholds = make()
+    held = [buffer for gate in thresholds.gates for buffer in gate.state_buffers()]
+    train(model, optimizer, thresholds, range(2))
+    assert all(a is b for a, b in zip(held, (buf for gate in thresholds.gates for buf in gate.state_buffers())))
+    assert float(held[0]) != 0.0  # tau moved in the held tensor itself
+
+
 def test_gate_state_in_state_dict_does_not_share_memory(tmp_path):
     """The linked buffers are views of one matrix; state_dict hands out copies so safetensors (which
     refuses tensors sharing memory) can save a gated model."""

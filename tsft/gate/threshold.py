@@ -35,6 +35,9 @@ class ThresholdOptimizer:
         self._table = share_table(self.gates, self.gates[0].tau.device)
         self._state: Optional[torch.Tensor] = None  # (len(STATE), gates); its entries are the gates' buffers
         self._views: list[torch.Tensor] = []
+        # Linked now rather than at the first step: a DistributedDataParallel wrapper built after this
+        # collects the model's buffers once, and its buffer broadcast must reach the tensors the step updates.
+        self._linked_state()
 
     @torch.no_grad()
     def step(self) -> None:

@@ -89,7 +89,8 @@ def random_llama(batch: int, seq: int, hidden: int, intermediate: int, heads: in
 
 
 def small_llama(batch: int, seq: int):
-    # Narrower than any real model: the gate's fixed per-layer cost weighs most here (its worst case).
+    # Narrower than the models this project trains (MiniLM 384, SmolLM2 576): the gate's fixed per-layer
+    # cost weighs most here.
     return random_llama(batch, seq, 256, 688, 4, 4, "Llama 4x256 (random), batch %dx%d")
 
 

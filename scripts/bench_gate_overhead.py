@@ -277,9 +277,8 @@ def measure_all(args: argparse.Namespace) -> dict:
             command += ["--steps", str(args.steps), "--repeats", str(args.repeats), "--threads", str(args.threads)]
             subprocess.run(command, check=True)
             result = json.loads(out.read_text())["models"][name]
-        models.setdefault(name, {"description": result["description"], "methods": {}})["methods"][method] = result[
-            "methods"
-        ][method]
+        entry = models.setdefault(name, {"description": result["description"], "methods": {}})
+        entry["methods"][method] = result["methods"][method]
     return models
 
 

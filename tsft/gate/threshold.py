@@ -70,10 +70,11 @@ class ThresholdOptimizer:
         """
         current = [buffer for gate in self.gates for buffer in gate.state_buffers()]
         if self._state is None or not all(now is view for now, view in zip(current, self._views)):
-            columns = len(TokenGate.STATE)
-            self._state = torch.stack(current).view(len(self.gates), columns).t()
+            first = current[0]
+            gate_major = torch.empty(len(self.gates), len(TokenGate.STATE), dtype=first.dtype, device=first.device)
+            self._state = gate_major.t()
             for gate, column in zip(self.gates, self._state.unbind(1)):
-                gate.use_state_storage(column)
+                gate.use_state_storage(column)  # copies the gate's values in, then aliases them
             self._views = [buffer for gate in self.gates for buffer in gate.state_buffers()]
         return self._state
 

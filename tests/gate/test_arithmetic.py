@@ -9,7 +9,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from tsft.gate import GateConfig, ThresholdOptimizer, add_token_gates, sparsity_report
-from tsft.gate.function import GatedUpdate, update_and_mask
+from tsft.gate.function import GatedUpdate, apply_gated_update, update_and_mask
 
 from .conftest import OneLinear
 
@@ -156,6 +156,29 @@ def test_gated_update_gradcheck(with_dora, rank, scale):
         _, on = update_and_mask(base, u, B * scale, k, bias, tau, 1e-6)
     assert 0 < int(on.sum()) < on.numel()  # both branches of the gate are exercised
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6)
+
+
+def test_training_entry_point_equals_the_public_apply():
+    """apply_gated_update enters autograd's C++ apply directly: same output, gradients and queued g as
+    GatedUpdate.apply; under a functorch transform it defers to the public apply (and its error)."""
+    torch.manual_seed(0)
+    results = []
+    for apply in (GatedUpdate.apply, apply_gated_update):
+        gate = add_token_gates(_any_gateable(), GateConfig(lam=0.01))[0]
+        base, u, B = (torch.randn(*shape, requires_grad=True) for shape in ((2, 3, 5), (2, 3, 4), (5, 4)))
+        torch.manual_seed(1)
+        out = apply(base, u, B, 0.5, None, None, torch.tensor(0.3), None, gate)
+        out.backward(torch.randn_like(out))
+        results.append((out.detach(), base.grad, u.grad, B.grad, gate.threshold_grad))
+        torch.manual_seed(0)
+    for public, direct in zip(*results):
+        assert torch.equal(public, direct)
+
+    def loss(b):
+        return apply_gated_update(b, u, B, 0.5, None, None, torch.tensor(0.3), None, gate).sum()
+
+    with pytest.raises(RuntimeError, match="setup_context"):
+        torch.func.grad(loss)(base)
 
 
 def _any_gateable():

@@ -86,6 +86,23 @@ def test_one_batched_reduction_equals_reducing_each_pass_on_its_own():
         assert a.counts("train") == b.counts("train") and a.counts("train")[1] == 6 * int(batch(0)[1].sum())
 
 
+def test_micro_batches_of_equal_token_count_but_other_shapes_accumulate():
+    """Queued passes of 2 x 6 and 3 x 4 tokens (12 each) are reduced apart, not stacked together."""
+    model, _, thresholds = make()
+    reference = copy.deepcopy(model)
+    reference_gates = find_token_gates(reference)
+    expected = [0.0] * len(reference_gates)
+    for step, (size, seq) in enumerate([(2, 6), (3, 4)]):
+        loss_fn(model, *batch(step, size, seq)).backward()
+        loss_fn(reference, *batch(step, size, seq)).backward()
+        for i, gate in enumerate(reference_gates):  # each pass reduced on its own
+            expected[i] += float(gate.threshold_grad)
+            gate.zero_threshold_grad()
+    for gate, g in zip(thresholds.gates, expected):
+        assert float(gate.threshold_grad) == pytest.approx(g, rel=1e-6)
+        assert gate.counts("train")[1] == int(batch(0, 2, 6)[1].sum() + batch(1, 3, 4)[1].sum())  # real tokens
+
+
 def test_queued_passes_stay_bounded_without_a_threshold_step():
     model, _, thresholds = make()
     gate = thresholds.gates[0]

@@ -26,8 +26,8 @@ SPLITS = ("train", "eval")
 class Record(NamedTuple):
     """One pass through a gate: ``mu`` per token (backward only), the gate ``S``, the real-token mask."""
 
-    mu: Optional[torch.Tensor]  # flat
-    gate: torch.Tensor  # bool, token-shaped
+    mu: Optional[torch.Tensor]  # token-shaped
+    on: torch.Tensor  # S as 0 / 1 in the layer's dtype, token-shaped with a trailing 1 (as the gate multiplies)
     real: Optional[torch.Tensor]  # bool, token-shaped; None when every position is a real token
 
 
@@ -101,7 +101,9 @@ def reduce_pending(gates: Iterable["TokenGate"]) -> None:
         for split, pending in gate.accounting.pending.items():
             for record in pending:
                 mu_dtype = None if record.mu is None else record.mu.dtype
-                key = (split, record.gate.numel(), record.gate.device, mu_dtype, record.real is None)
+                # stacked by group: the same token shape (not just count: micro-batches of 2 x 6 and 3 x 4
+                # tokens do not stack), device and dtypes
+                key = (split, record.on.shape, record.on.device, record.on.dtype, mu_dtype, record.real is None)
                 groups.setdefault(key, []).append((gate, record))
             pending.clear()
     for (split, *_), entries in groups.items():
@@ -153,7 +155,7 @@ def _by_table(
 def _stats(records: list[Record], lam: list[float]) -> torch.Tensor:
     """(records, 3) float64 rows: [g (0 for eval records), gated-on real tokens, real tokens]."""
     n = len(records)
-    on = torch.stack([record.gate for record in records]).reshape(n, -1)  # (records, tokens)
+    on = torch.stack([record.on for record in records]).reshape(n, -1).bool()  # (records, tokens)
     device = on.device
     if records[0].real is None:
         real = None
@@ -166,7 +168,7 @@ def _stats(records: list[Record], lam: list[float]) -> torch.Tensor:
     if records[0].mu is None:
         g = torch.zeros_like(active)
     else:
-        mu = torch.stack([record.mu for record in records])
+        mu = torch.stack([record.mu for record in records]).reshape(n, -1)
         consistent = (mu >= 0) == on
         if real is not None:
             consistent &= real

@@ -28,6 +28,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Optional
 
 import torch
+import torch.nn.functional as F
 
 if TYPE_CHECKING:
     from tsft.gate.gate import TokenGate
@@ -42,27 +43,29 @@ def update_and_mask(
     tau: torch.Tensor,
     ratio_eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """delta and the gate S (Eq. 3). Runs without autograd (inside GatedUpdate or under no_grad), so
-    ``delta`` is a scratch tensor that may be updated in place."""
-    delta = u @ B.t()
+    """delta and the gate S (Eq. 3) as a ``(..., 1)`` column of 0 / 1 in the output dtype, ready to
+    multiply ``delta`` and, in backward, the rank-r terms. Runs without autograd (inside GatedUpdate or
+    under no_grad), so ``delta`` and the norms are scratch tensors that may be updated in place."""
+    delta = F.linear(u, B)  # u @ B^T as one call
     if delta.dtype != base.dtype:  # dtype checks in Python: a no-op ``.to`` still costs a dispatch
         delta = delta.to(base.dtype)
     if k is not None:
         frozen = base - bias if bias is not None else base
         delta.addcmul_(frozen, k.to(base.dtype))
     norm_dtype = torch.promote_types(base.dtype, torch.float32)  # at least float32, even for bf16 models
-    delta_norm = torch.linalg.vector_norm(delta, dim=-1, dtype=norm_dtype)
-    base_norm = torch.linalg.vector_norm(base, dim=-1, dtype=norm_dtype)
-    ratio = delta_norm / base_norm.clamp_min(ratio_eps)
-    return delta, ratio >= tau
+    ratio = torch.linalg.vector_norm(delta, dim=-1, keepdim=True, dtype=norm_dtype)
+    base_norm = torch.linalg.vector_norm(base, dim=-1, keepdim=True, dtype=norm_dtype)
+    # r_i = ||delta_i|| / max(||base_i||, eps), then S_i = 1(r_i >= tau) written over r_i: in place on
+    # fresh temporaries, one operation per step of Eq. 3 (inside a training step each extra small
+    # operation costs 15-30 us, because the layer's GEMMs have just evicted its code and data from cache).
+    on = ratio.div_(base_norm.clamp_min_(ratio_eps)).ge_(tau)
+    return delta, on if on.dtype == base.dtype else on.to(base.dtype)
 
 
-def gated_sum(base: torch.Tensor, gate: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def gated_sum(base: torch.Tensor, on: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """``base + S * delta``, written into ``delta``'s memory: one output-sized allocation fewer per
-    layer, which on CPU saves the page faults of a fresh buffer (several % of a step at small widths).
-    Also returns S as a ``(..., 1)`` column in the output dtype, which backward reuses."""
-    on = gate.unsqueeze(-1).to(base.dtype)
-    return torch.addcmul(base, on, delta, out=delta), on
+    layer, which on CPU saves the page faults of a fresh buffer (several % of a step at small widths)."""
+    return torch.addcmul(base, on, delta, out=delta)
 
 
 class GatedUpdate(torch.autograd.Function):
@@ -76,64 +79,71 @@ class GatedUpdate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, base, u, B, scale, k, bias, tau, real, gate_module: "TokenGate"):
         scaled_B = scaled(B, scale)
-        delta, gate = update_and_mask(base, u, scaled_B, k, bias, tau, gate_module.config.ratio_eps)
-        out, on = gated_sum(base, gate, delta)
+        delta, on = update_and_mask(base, u, scaled_B, k, bias, tau, gate_module.config.ratio_eps)
         ctx.gate_module, ctx.scale = gate_module, scale
-        ctx.save_for_backward(u, scaled_B, gate, on, real, k, bias, base if k is not None else None)
-        return out
+        ctx.save_for_backward(u, scaled_B, on, real, k, bias, base if k is not None else None)
+        return gated_sum(base, on, delta)
 
     @staticmethod
     def backward(ctx, grad_out):
-        u, B, gate, on, real, k, bias, base = ctx.saved_tensors
-        width = grad_out.shape[-1]
-        g = grad_out.reshape(-1, width)
-        u2 = u.reshape(-1, u.shape[-1])
-        on = on.reshape(-1, 1)
-        if on.dtype != u2.dtype:
-            on = on.to(u2.dtype)
-        g_lr = g if g.dtype == B.dtype else g.to(B.dtype)
-        acc = torch.promote_types(g.dtype, torch.float32)  # mu and g are accumulated in >= float32
+        u, B, on, real, k, bias, base = ctx.saved_tensors
+        width, rank = grad_out.shape[-1], u.shape[-1]
+        on_u = on if on.dtype == u.dtype else on.to(u.dtype)
+        g_lr = grad_out if grad_out.dtype == B.dtype else grad_out.to(B.dtype)
+        acc = torch.promote_types(grad_out.dtype, torch.float32)  # mu and g are accumulated in >= float32
 
-        # grad_B = c (S g)^T u (B was saved scaled, u was not): c goes onto the (T, 1) mask column
-        # rather than onto the GEMM's output, one pass fewer over a fresh GEMM output (inside the
-        # training step, ``grad_B *= c`` took ~40 us per layer; timed alone, ~5 us).
-        u_on = u2 * _scaled_mask(on, ctx.scale)
-        if u2.shape[-1] < 16:
+        # grad_B = c (S g)^T u (B was saved scaled, u was not). A constant c is the GEMM's alpha; a tensor c
+        # (AdaLoRA's rank count) goes onto the (..., 1) mask column: either way no pass over a fresh GEMM output.
+        alpha, on_c = (ctx.scale, on_u) if isinstance(ctx.scale, (int, float)) else (1, on_u * ctx.scale)
+        u_on = (u * on_c).reshape(-1, rank)
+        g2 = g_lr.reshape(-1, width)
+        if rank < 16:
             # Very thin products run 2-3x faster on CPU GEMM in transposed form, (r, out) @ (out, T) and
             # (r, T) @ (T, out), than as g @ B and g^T @ u (timed per product for r = 4, 8; from r = 16
             # the direct form is as fast or faster). scripts/bench_gate_overhead.py times whole steps.
-            gB, grad_B = (B.t() @ g_lr.t()).t(), (u_on.t() @ g_lr).t()
+            Bt = B.t()
+            gB = (Bt @ g2.t()).t().reshape(u.shape)  # splitting the token dim again is a view
+            grad_B = torch.addmm(Bt, u_on.t(), g2, beta=0, alpha=alpha).t()  # beta=0: Bt only gives the shape
         else:
-            gB, grad_B = g_lr @ B, g_lr.t() @ u_on
-        # gB (T, r) is what LoRA's own backward computes for d loss / d u; grad_B = (S g)^T u needs
+            gB = g_lr @ B
+            grad_B = torch.addmm(B, g2.t(), u_on, beta=0, alpha=alpha)
+        # gB (..., r) is what LoRA's own backward computes for d loss / d u; grad_B = (S g)^T u needs
         # no (T, out) copy of g. mu (Eq. 9) goes through the low-rank factor: <g_i, delta_i> = <g_i B, u_i>.
-        mu = torch.linalg.vecdot(gB, u2) if gB.dtype == acc else (gB.to(acc) * u2.to(acc)).sum(-1)
-        grad_u = (gB * on).reshape(u.shape)  # gated-off tokens get no gradient
+        mu = torch.linalg.vecdot(gB, u) if gB.dtype == acc else (gB.to(acc) * u.to(acc)).sum(-1)
+        grad_u = gB * on_u  # gated-off tokens get no gradient
 
         grad_base, grad_k = grad_out, None
         if k is not None:
-            frozen = (base - bias if bias is not None else base).reshape(-1, width)
-            g_frozen = (g * frozen).to(acc)  # (T, out), shared by mu and grad_k
+            frozen = base - bias if bias is not None else base
+            g_frozen = (grad_out * frozen).to(acc)  # (..., out), shared by mu and grad_k
             mu = mu + g_frozen @ k.to(acc)
             if ctx.needs_input_grad[4]:  # k
-                grad_k = (on.reshape(-1).to(acc) @ g_frozen).to(k.dtype)
+                grad_k = (on.reshape(-1).to(acc) @ g_frozen.reshape(-1, width)).to(k.dtype)
             # d out / d base = 1 + S * k, because the DoRA delta rescales the frozen output.
-            grad_base = torch.addcmul(g, g * k.to(g.dtype), on.to(g.dtype)).reshape(grad_out.shape)
+            grad_base = torch.addcmul(grad_out, grad_out * k.to(grad_out.dtype), on.to(grad_out.dtype))
 
-        ctx.gate_module.accumulate_threshold_grad(mu, gate, real)
+        ctx.gate_module.accumulate_threshold_grad(mu, on, real)
         return grad_base, grad_u, grad_B, None, grad_k, None, None, None, None
+
+
+# ``GatedUpdate.apply`` first runs functorch's argument handling in Python (unwrapping dead wrappers,
+# looking for a setup_context), which only matters under functorch transforms (vmap, grad) and cost
+# ~40 us per gated layer inside a training step: 0.7 % of a step of the width-256 benchmark Llama
+# (scripts/bench_gate_overhead.py). Training enters autograd's C++ ``apply`` directly, as that
+# wrapper itself does last; under functorch or torch.compile the public ``apply`` runs unchanged.
+_cpp_apply = super(torch.autograd.Function, GatedUpdate).apply
+
+
+def apply_gated_update(*args):
+    """``GatedUpdate.apply(*args)`` (same arguments), without the Python prologue when it is not needed."""
+    if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
+        return GatedUpdate.apply(*args)
+    return _cpp_apply(*args)
 
 
 def scaled(B: torch.Tensor, scale) -> torch.Tensor:
     """``B * scale``, skipping the multiply for the common ``scale == 1``."""
     return B if _is_one(scale) else B * scale
-
-
-def _scaled_mask(on: torch.Tensor, scale) -> torch.Tensor:
-    if _is_one(scale):
-        return on
-    scaled_on = on * scale
-    return scaled_on if scaled_on.dtype == on.dtype else scaled_on.to(on.dtype)
 
 
 def _is_one(scale) -> bool:

@@ -10,7 +10,7 @@ from torch import nn
 
 from tsft.gate.accounting import SPLITS, GateAccounting, Record, reduce_pending, zero_grads
 from tsft.gate.config import GateConfig
-from tsft.gate.function import GatedUpdate, gated_sum, scaled, update_and_mask
+from tsft.gate.function import apply_gated_update, gated_sum, scaled, update_and_mask
 
 
 class GateContext:
@@ -66,11 +66,11 @@ class TokenGate(nn.Module):
         if torch.is_grad_enabled() and (u.requires_grad or B.requires_grad or base.requires_grad):
             # Training: statistics and g are recorded in backward, which runs once per micro-batch
             # even when gradient checkpointing runs this forward twice.
-            return GatedUpdate.apply(base, u, B, scale, k, bias, self.tau, real, self)
-        delta, gate = update_and_mask(base, u, scaled(B, scale), k, bias, self.tau, self.config.ratio_eps)
+            return apply_gated_update(base, u, B, scale, k, bias, self._buffers["tau"], real, self)
+        delta, on = update_and_mask(base, u, scaled(B, scale), k, bias, self.tau, self.config.ratio_eps)
         if not self.training:  # a no-grad pass in train mode is reentrant checkpointing's first forward
-            self._record("eval", None, gate, real)
-        return gated_sum(base, gate, delta)[0]
+            self._record("eval", None, on, real)
+        return gated_sum(base, on, delta)
 
     def _real_tokens(self, base: torch.Tensor) -> Optional[torch.Tensor]:
         mask = self.context.token_mask
@@ -108,13 +108,13 @@ class TokenGate(nn.Module):
                 state_dict[prefix + name] = state_dict[prefix + name].clone()
 
     # ---------------------------------------------------------------- accounting
-    def accumulate_threshold_grad(self, mu: torch.Tensor, gate: torch.Tensor, real: Optional[torch.Tensor]) -> None:
+    def accumulate_threshold_grad(self, mu: torch.Tensor, on: torch.Tensor, real: Optional[torch.Tensor]) -> None:
         """Queue one backward pass's share of Eq. 15 and its token counts (called from backward)."""
-        self._record("train", mu, gate, real)
+        self._record("train", mu, on, real)
 
-    def _record(self, split: str, mu: Optional[torch.Tensor], gate: torch.Tensor, real: Optional[torch.Tensor]) -> None:
+    def _record(self, split: str, mu: Optional[torch.Tensor], on: torch.Tensor, real: Optional[torch.Tensor]) -> None:
         pending = self.accounting.pending[split]
-        pending.append(Record(mu, gate, real))
+        pending.append(Record(mu, on, real))
         if len(pending) >= self.MAX_PENDING:
             reduce_pending([self])
 

@@ -43,7 +43,7 @@ quickstart: install ## TS-LoRA on RTE with MiniLM-L6 on the CPU (a few minutes);
 	@test -n "$(TSFT_DATA_DIR)" || { echo "error: no ../shared/data; set TSFT_DATA_DIR=<folder holding glue/RTE>"; exit 1; }
 	$(PY) train.py experiment=quickstart
 
-bench-gate: install ## gate cost: step time and peak memory gated / dense per method and model (~25 min on 2 cores)
+bench-gate: install ## gate cost: step time and peak memory gated / dense per method and model (20-25 min on 2 cores)
 	$(PY) scripts/bench_gate_overhead.py
 
 lint: install ## ruff

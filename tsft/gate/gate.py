@@ -66,7 +66,7 @@ class TokenGate(nn.Module):
         if torch.is_grad_enabled() and (u.requires_grad or B.requires_grad or base.requires_grad):
             # Training: statistics and g are recorded in backward, which runs once per micro-batch
             # even when gradient checkpointing runs this forward twice.
-            return apply_gated_update(base, u, B, scale, k, bias, self._buffers["tau"], real, self)
+            return apply_gated_update(base, u, B, scale, k, bias, self.tau, real, self)
         delta, on = update_and_mask(base, u, scaled(B, scale), k, bias, self.tau, self.config.ratio_eps)
         if not self.training:  # a no-grad pass in train mode is reentrant checkpointing's first forward
             self._record("eval", None, on, real)

@@ -55,10 +55,7 @@ class ThresholdOptimizer:
             tau += cfg.alpha * cfg.s * m_hat / (v_hat.sqrt() + cfg.eps)
         else:
             state[0] += cfg.alpha * cfg.s * g
-        # zero_grad() without its general checks: the queues were just emptied and g is self._table's vector
-        self._table.grad.zero_()
-        for gate in self.gates:
-            gate.accounting.has_grad = False
+        self.zero_grad()
 
     def zero_grad(self) -> None:
         zero_grads(self.gates)

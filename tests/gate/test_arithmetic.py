@@ -48,6 +48,23 @@ def test_gated_forward_by_hand():
     torch.testing.assert_close(out, expected)
 
 
+@pytest.mark.parametrize("scale", [2.0, -2.0, "tensor"])  # LoRA / adapter number, its sign, AdaLoRA's tensor
+@pytest.mark.parametrize("grad", [True, False])
+def test_gated_forward_with_branch_scaling_by_hand(scale, grad):
+    """r_i is the norm of the *scaled* update: c = 2 doubles the ratios of TOKENS to (2, 0.199, 1.414),
+    so tau = 1.2 keeps tokens 1 and 3 on (unscaled ratios would switch every token off)."""
+    _, gate = hand_model(tau=1.2)
+    c = torch.tensor(2.0) if scale == "tensor" else scale
+    base = TOKENS.clone().requires_grad_(grad)
+    u = TOKENS[..., :1].clone()  # A = [1, 0]
+    B = torch.tensor([[1.0], [0.0]], requires_grad=grad)
+    with torch.set_grad_enabled(grad):
+        out = gate(base, u, B, c)
+    sign = -1.0 if scale == -2.0 else 1.0
+    expected = torch.tensor([[[1 + 2 * sign, 0.0], [0.1, 1.0], [0.5 + sign, 0.5]]])
+    torch.testing.assert_close(out.detach(), expected)
+
+
 def test_threshold_grad_follows_eq15():
     pm, gate = hand_model(tau=0.5, lam=0.01)
     backward_once(pm)
@@ -133,10 +150,14 @@ def test_gated_off_tokens_give_peft_no_gradient():
 
 @pytest.mark.parametrize("rank", [2, 16])  # backward takes thin products (r < 16) in transposed form
 @pytest.mark.parametrize("with_dora", [False, True])
-@pytest.mark.parametrize("scale", [1.0, 0.75])  # the branch's scaling is applied inside the function
+# the branch's scaling is applied inside the function: a number (LoRA, adapter; either sign) or a tensor
+# (AdaLoRA's scaling / ranknum, which goes onto the mask in backward)
+@pytest.mark.parametrize("scale", [1.0, 0.75, -0.75, "tensor"])
 def test_gated_update_gradcheck(with_dora, rank, scale):
     """The hand-written backward equals finite differences (float64), with S held away from tau."""
     torch.manual_seed(0)
+    if scale == "tensor":
+        scale = torch.tensor(0.75, dtype=torch.float64)
     base = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
     u = torch.randn(2, 3, rank, dtype=torch.float64, requires_grad=True)
     B = torch.randn(5, rank, dtype=torch.float64, requires_grad=True)

@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tsft.gate import GateConfig, ThresholdOptimizer, add_token_gates, find_token_gates
+from tsft.gate.accounting import reduce_pending
 
 from .conftest import peft_model, tiny_llama
 from .test_arithmetic import reference_adam
@@ -25,7 +26,9 @@ def batch(step: int, size: int = 4, seq: int = 5):
     g = torch.Generator().manual_seed(100 + step)
     x = torch.randn(size, seq, 8, generator=g)
     mask = torch.ones(size, seq, dtype=torch.long)
-    mask[1, 3:] = 0  # some padding, so the mask path is part of every check
+    # some padding, so the mask path is part of every check; the padded row moves with the step, so passes
+    # reduced together have different masks
+    mask[(1 + step) % size, 3:] = 0
     target = torch.randn(size, seq, 8, generator=g)
     return x, mask, target
 
@@ -101,6 +104,26 @@ def test_micro_batches_of_equal_token_count_but_other_shapes_accumulate():
     for gate, g in zip(thresholds.gates, expected):
         assert float(gate.threshold_grad) == pytest.approx(g, rel=1e-6)
         assert gate.counts("train")[1] == int(batch(0, 2, 6)[1].sum() + batch(1, 3, 4)[1].sum())  # real tokens
+
+
+def test_one_reduction_over_the_gates_of_two_threshold_optimizers():
+    """Gates split between two threshold optimizers (so two tables of sums) and reduced in one call, as
+    sparsity_report does: every gate gets the g and counts its own optimizer's reduction gives it."""
+    model = peft_model("lora")
+    gates = add_token_gates(model, CONFIG)
+    reference = copy.deepcopy(model)
+    reference_gates = find_token_gates(reference)
+    split_between = ThresholdOptimizer(gates[:1]), ThresholdOptimizer(gates[1:])
+    one_for_all = ThresholdOptimizer(reference_gates)
+    assert split_between[0]._table is not split_between[1]._table and len(one_for_all._table.grad) == len(gates)
+    for step in range(2):  # two passes, so each gate also queues two records
+        loss_fn(model, *batch(step)).backward()
+        loss_fn(reference, *batch(step)).backward()
+    reduce_pending(gates[::-1])  # both tables at once, in another order than either table's
+    assert all(not gate.accounting.pending["train"] for gate in gates)
+    for gate, expected in zip(gates, reference_gates):
+        assert float(gate.threshold_grad) == pytest.approx(float(expected.threshold_grad), rel=1e-6)
+        assert gate.counts("train") == expected.counts("train")
 
 
 def test_queued_passes_stay_bounded_without_a_threshold_step():

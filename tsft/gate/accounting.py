@@ -11,9 +11,10 @@ when a gate queued several passes) and the optimizer reads all g as one vector (
 a stack and an unbind over all gates per step).
 
 This runs once per optimizer step, on tensors of (gates, tokens), so its cost is its count of operations:
-a leaner reduction (12 instead of 17 operations, the real-token mask used once instead of stacked per gate,
-no index tensor in the threshold step's case) took the threshold step from ~1.2 to ~0.8 ms on the
-width-256 benchmark Llama and its whole step 0.7 % (scripts/bench_gate_overhead.py, docs/gate.md).
+the lean form here (11 instead of 16 tensor operations in ``_stats``, the real-token mask used once
+instead of stacked per gate; 3 vector adds instead of an index tensor and 2 ``index_add_`` in the
+threshold step's case) took the threshold step from ~1.2 to ~0.8 ms on the width-256 benchmark Llama
+and its whole step 0.4-0.7 % (scripts/bench_gate_overhead.py, docs/gate.md).
 """
 
 from __future__ import annotations
@@ -185,7 +186,8 @@ def _stats(
     records: list[Record], lam: list[float]
 ) -> tuple[Optional[torch.Tensor], torch.Tensor, Union[int, torch.Tensor]]:
     """Per record: its share of g (Eq. 15; None for eval records), its gated-on real tokens and its real
-    tokens. Counts are vectors over the records, or one 0-d tensor / number that holds for all of them.
+    tokens: float64 vectors over the records, except that the real-token count may be one number (or a
+    one-element tensor) that holds for all of them.
 
     The records of one backward pass share one real-token mask (the batch's), so it is used as one row
     rather than stacked per record; ``1[1(mu >= 0) = S] mu`` is computed as ``min(mu, 0) + S |mu|``

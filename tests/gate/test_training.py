@@ -279,6 +279,26 @@ def test_replaced_state_buffers_are_picked_up_by_the_next_step():
     assert float(gate.tau) != 0.25  # the step moved the new buffer itself
 
 
+@pytest.mark.parametrize("cast", ["bfloat16", "half"])
+def test_casting_the_model_keeps_the_threshold_state_in_float32(cast):
+    """bf16 resolves 0.3001 only to 2e-3 (and a default step of 1e-4 is lost above tau ~ 0.03); fp16's largest
+    value is 65504. A cast model must keep its gates' state as it was, in float32, and keep stepping it."""
+    model, optimizer, thresholds = make()
+    gate = thresholds.gates[0]
+    values = {"tau": 0.3001, "exp_avg": 123.456, "exp_avg_sq": 1.0e6}
+    for name, value in values.items():
+        getattr(gate, name).fill_(value)
+    getattr(model, cast)()
+    for name, value in values.items():
+        assert getattr(gate, name).dtype == torch.float32
+        assert float(getattr(gate, name)) == float(torch.tensor(value, dtype=torch.float32)), name
+    assert next(p for p in model.parameters()).dtype != torch.float32  # the model itself was cast
+    before = float(gate.tau)
+    loss_fn(model, *(t.to(next(model.parameters()).dtype) if t.is_floating_point() else t for t in batch(0))).backward()
+    thresholds.step()
+    assert float(gate.tau) != before and gate.tau.dtype == torch.float32
+
+
 def test_buffers_held_from_before_the_first_step_stay_live():
     """DDP collects a model's buffers once, when it wraps the model (after the threshold optimizer is
     built, in Lightning and with the HF Trainer); its buffer broadcast must write the tensors the

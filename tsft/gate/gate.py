@@ -99,6 +99,18 @@ class TokenGate(nn.Module):
         for name, view in zip(self.STATE, column.unbind(0)):
             self._buffers[name] = view
 
+    def _apply(self, fn, recurse: bool = True):
+        """Device moves apply to the state, dtype casts do not: it stays float32. ``model.half()``,
+        ``model.to(torch.bfloat16)`` or Lightning's "bf16-true" would otherwise round tau, whose Adam steps
+        (at most ``alpha * s``, 1e-4 by default) are below bf16's resolution once tau passes ~0.03 and would be
+        lost, and overflow fp16's exp_avg_sq (g^2 of sums over tokens)."""
+
+        def move_only(tensor: torch.Tensor) -> torch.Tensor:
+            moved = fn(tensor)
+            return moved if moved.dtype == tensor.dtype else tensor.to(moved.device)
+
+        return super()._apply(move_only, recurse)
+
     @staticmethod
     def _own_state_copies(module: "TokenGate", state_dict: dict, prefix: str, local_metadata: dict) -> None:
         """state_dict hook: copies of the state buffers, which may be views of one shared matrix

@@ -73,6 +73,20 @@ def peft_model(kind: str, model: nn.Module | None = None, dropout: float = 0.0, 
     return pm
 
 
+def adapter_model(seed: int = 0) -> nn.Module:
+    """``TwoLayer`` frozen, with Parallel Adapters (hidden 3, scale 2) on q and v and non-zero up-projections."""
+    from tsft.gate import add_parallel_adapters
+
+    torch.manual_seed(seed)
+    model = TwoLayer()
+    model.requires_grad_(False)
+    add_parallel_adapters(model, ["q", "v"], hidden_size=3, scale=2.0)
+    with torch.no_grad():
+        for layer in (model.q, model.v):
+            layer.adapter_up.weight.normal_()
+    return model
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 from tsft.gate import GateConfig, ThresholdOptimizer, add_token_gates, find_token_gates
 from tsft.gate.accounting import reduce_pending
 
-from .conftest import peft_model, tiny_llama
+from .conftest import adapter_model, peft_model, tiny_llama
 from .test_arithmetic import reference_adam
 
 CONFIG = GateConfig(lam=1e-2, s=1e-2)
@@ -297,6 +297,31 @@ def test_casting_the_model_keeps_the_threshold_state_in_float32(cast):
     loss_fn(model, *(t.to(next(model.parameters()).dtype) if t.is_floating_point() else t for t in batch(0))).backward()
     thresholds.step()
     assert float(gate.tau) != before and gate.tau.dtype == torch.float32
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "adalora", "adapter"])
+def test_training_under_bf16_autocast_matches_float32(kind):
+    """Under autocast (bf16-mixed, the GPU trainer configs) u is bf16 while B is the float32 parameter: the
+    gate trains, with float32 gradients, and g and the counts stay close to a float32 run's."""
+    model = adapter_model() if kind == "adapter" else peft_model(kind)
+    reference = copy.deepcopy(model)
+    gates, reference_gates = add_token_gates(model, CONFIG), add_token_gates(reference, CONFIG)
+    x, mask, target = batch(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = loss_fn(model, x, mask, target)
+    loss.backward()
+    loss_fn(reference, x, mask, target).backward()
+    trained = [(p, q) for p, q in zip(model.parameters(), reference.parameters()) if p.requires_grad]
+    assert trained
+    for p, q in trained:
+        assert p.grad.dtype == torch.float32
+        torch.testing.assert_close(p.grad, q.grad, rtol=0.05, atol=0.02 * float(q.grad.abs().max()))
+    for gate, expected in zip(gates, reference_gates):
+        assert gate.counts("train") == expected.counts("train")
+        assert float(gate.threshold_grad) == pytest.approx(float(expected.threshold_grad), rel=0.02)
+    thresholds = ThresholdOptimizer(gates)
+    thresholds.step()
+    assert all(float(gate.tau) != 0 for gate in gates)
 
 
 def test_buffers_held_from_before_the_first_step_stay_live():

@@ -89,12 +89,18 @@ class GatedUpdate(torch.autograd.Function):
         u, B, on, real, k, bias, base = ctx.saved_tensors
         width, rank = grad_out.shape[-1], u.shape[-1]
         on_u = on if on.dtype == u.dtype else on.to(u.dtype)
-        g_lr = grad_out if grad_out.dtype == B.dtype else grad_out.to(B.dtype)
+        # The rank-r products run in u's dtype. Under autocast (bf16-mixed) u is bf16 while B is still the
+        # float32 parameter, as autocast's own linear would cast it; autograd casts grad_B back to B's dtype.
+        if B.dtype != u.dtype:
+            B = B.to(u.dtype)
+        g_lr = grad_out if grad_out.dtype == u.dtype else grad_out.to(u.dtype)
         acc = torch.promote_types(grad_out.dtype, torch.float32)  # mu and g are accumulated in >= float32
 
         # grad_B = c (S g)^T u (B was saved scaled, u was not). A constant c is the GEMM's alpha; a tensor c
         # (AdaLoRA's rank count) goes onto the (..., 1) mask column: either way no pass over a fresh GEMM output.
         alpha, on_c = (ctx.scale, on_u) if isinstance(ctx.scale, (int, float)) else (1, on_u * ctx.scale)
+        if on_c.dtype != u.dtype:  # a float32 rank count on a bf16 mask (autocast) promotes it
+            on_c = on_c.to(u.dtype)
         u_on = (u * on_c).reshape(-1, rank)
         g2 = g_lr.reshape(-1, width)
         if rank < 16:

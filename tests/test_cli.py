@@ -99,3 +99,13 @@ def test_a_ts_run_prints_its_metrics_sparsity_and_thresholds(tmp_path, data_dir)
     assert f"sparsity={result['sparsity']['overall']:.3f}" in last_line
     assert f"tau in [{min(taus):.3g}, {max(taus):.3g}]" in last_line and max(taus) > 0
     assert last_line.endswith(f"-> {run_dir}/result.json")
+
+
+def test_bf16_mixed_precision_trains_a_gated_run(tmp_path, data_dir):
+    """The GPU trainer configs train under autocast (bf16-mixed); on CPU the same autocast runs the gates'
+    backward with bf16 activations and float32 PEFT weights (AdaLoRA: also a float32 rank count)."""
+    overrides = ["sparsity=ts", "sparsity.s=0.01", "peft=adalora", "trainer.precision=bf16-mixed"]
+    out = train(tmp_path, *tiny_overrides(tmp_path, data_dir), *overrides)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (run_dir,) = (tmp_path / "results" / "runs" / "glue" / "rte").iterdir()
+    assert json.loads((run_dir / "result.json").read_text())["sparsity"]["modules"]

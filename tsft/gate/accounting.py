@@ -45,13 +45,12 @@ class AccountingTable:
         with torch.inference_mode(False):  # Lightning evaluates in inference mode; the sums outlive it
             self.grad = torch.zeros(size, dtype=torch.float64, device=device)
             self.counts = {split: torch.zeros(size, 2, dtype=torch.float64, device=device) for split in SPLITS}
-        self.accounts: list[Optional["GateAccounting"]] = [None] * size  # who owns each row
 
     def add(self, split: str, accounts: list["GateAccounting"], g: Optional[torch.Tensor], active, tokens) -> None:
         """Add the sums of ``accounts`` to their rows: ``g`` (None for eval passes) and ``active`` are float64
-        vectors over ``accounts``; ``tokens`` is one too, or a single count that holds for all of them."""
+        vectors over ``accounts`` (all of this table); ``tokens`` is one too, or a single count for all of them."""
         counts = self.counts[split]
-        if len(accounts) == len(self.accounts) and all(a is b for a, b in zip(accounts, self.accounts)):
+        if len(accounts) == len(self.grad) and all(account.index == i for i, account in enumerate(accounts)):
             # every row once, in order (the threshold step's case): plain vector adds, no index tensor
             counts[:, 0] += active
             counts[:, 1] += tokens
@@ -113,7 +112,6 @@ def share_table(gates: Iterable["TokenGate"], device: torch.device) -> Accountin
             for split in SPLITS:
                 table.counts[split][index] = old.counts[split][account.index]
         account.table, account.index = table, index
-        table.accounts[index] = account
     return table
 
 
@@ -173,7 +171,6 @@ def _by_table(
         if device is not None:
             if account.table is None:
                 account.table, account.index = AccountingTable(1, device), 0
-                account.table.accounts[0] = account
             elif account.table.grad.device != device:
                 account.table.to(device)
         positions, rows = groups.setdefault(account.table, ([], []))

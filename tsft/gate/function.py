@@ -21,6 +21,11 @@ Output: ``out = base + S * delta`` with ``S_i = 1(r_i >= tau)``, ``r_i = ||delta
 ``base`` is the frozen layer's full output ``W0 x + b``: it is what a gated-off token keeps
 (Eq. 2), so the ratio measures the update against what the token would otherwise carry.
 (Llama-family projections have no bias, so the choice only matters for encoder models.)
+
+``csrc/gated_update.cpp`` is this autograd function written in C++, operation for operation (bit-identical
+results, tests/gate/test_native.py); training uses it when it is built (tsft.gate.native), because the
+Python around ~20 tensor operations per gated layer costs a few % of a step. This file is the reference,
+the fallback, and what runs under functorch transforms and torch.compile.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn.functional as F
+
+from tsft.gate import native
 
 if TYPE_CHECKING:
     from tsft.gate.gate import TokenGate
@@ -140,11 +147,21 @@ class GatedUpdate(torch.autograd.Function):
 _cpp_apply = super(torch.autograd.Function, GatedUpdate).apply
 
 
-def apply_gated_update(*args):
-    """``GatedUpdate.apply(*args)`` (same arguments), without the Python prologue when it is not needed."""
+def apply_gated_update(base, u, B, scale, k, bias, tau, real, gate_module: "TokenGate") -> torch.Tensor:
+    """``GatedUpdate.apply`` (same arguments), by the C++ build of this function when it is available
+    (tsft.gate.native), else without the Python prologue when that is not needed."""
     if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
-        return GatedUpdate.apply(*args)
-    return _cpp_apply(*args)
+        return GatedUpdate.apply(base, u, B, scale, k, bias, tau, real, gate_module)
+    compiled = native.module()
+    if compiled is None:
+        return _cpp_apply(base, u, B, scale, k, bias, tau, real, gate_module)
+    accounting = gate_module.accounting
+    if accounting.queue is None:
+        accounting.queue = compiled.RecordQueue()
+    eps = gate_module.config.ratio_eps
+    if isinstance(scale, torch.Tensor):
+        return compiled.gated_update(base, u, B, 1.0, scale, k, bias, tau, real, eps, accounting.queue)
+    return compiled.gated_update(base, u, B, scale, None, k, bias, tau, real, eps, accounting.queue)
 
 
 def scaled(B: torch.Tensor, scale) -> torch.Tensor:

@@ -65,7 +65,11 @@ class TokenGate(nn.Module):
         real = self._real_tokens(base)
         if torch.is_grad_enabled() and (u.requires_grad or B.requires_grad or base.requires_grad):
             # Training: statistics and g are recorded in backward, which runs once per micro-batch
-            # even when gradient checkpointing runs this forward twice.
+            # even when gradient checkpointing runs this forward twice. The C++ backward queues them
+            # where Python cannot bound the queue, so that happens here, before the next pass.
+            queue = self.accounting.queue
+            if queue is not None and len(queue) >= self.MAX_PENDING:
+                reduce_pending([self])
             return apply_gated_update(base, u, B, scale, k, bias, self.tau, real, self)
         delta, on = update_and_mask(base, u, scaled(B, scale), k, bias, self.tau, self.config.ratio_eps)
         if not self.training:  # a no-grad pass in train mode is reentrant checkpointing's first forward

@@ -1,4 +1,5 @@
-"""The C++ gated update (tsft/gate/csrc, tsft.gate.native) against the Python reference (tsft.gate.function).
+"""The C++ gated update (tsft/gate/csrc, tsft.gate.native) against the Python reference (tsft.gate.function),
+in training (the autograd function) and in evaluation (gated_forward).
 
 Every other gate test runs on the C++ build (the default once it is built); these check that it computes
 exactly what the Python ``GatedUpdate`` computes, and that the gate falls back to Python when it cannot
@@ -117,6 +118,27 @@ def test_cpp_and_python_gates_train_a_llama_alike(monkeypatch):
         results.append([gate.tau.clone() for gate in gates] + [torch.tensor(g.counts("train")) for g in gates])
     assert all(torch.equal(a, b) for a, b in zip(*results))
     assert all(float(tau) != 0 for tau in results[0][: len(gates)])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cpp_and_python_evaluation_alike(kind, monkeypatch):
+    """Evaluation passes (no autograd; C++ gated_forward): same outputs and eval counts, bit for bit."""
+    if not native.module():
+        pytest.skip("the C++ build is not available")
+    results = []
+    for build in (native.module(), None):
+        monkeypatch.setattr(native, "_module", build)
+        model = _model(kind)
+        gates = add_token_gates(model, CONFIG)
+        model.eval()
+        for gate in gates:
+            gate.tau.fill_(0.04 if kind == "adalora" else 0.4)
+        with torch.no_grad():
+            outputs = [model(x, attention_mask=mask) for x, mask, _ in map(batch, range(3))]
+        results.append((outputs, [gate.counts("eval") for gate in gates]))
+    (cpp_out, cpp_counts), (py_out, py_counts) = results
+    assert all(torch.equal(a, b) for a, b in zip(cpp_out, py_out))
+    assert cpp_counts == py_counts and any(0 < on < tokens for on, tokens in cpp_counts), cpp_counts
 
 
 @pytest.mark.parametrize("rank", [2, 16])  # both GEMM forms of backward

@@ -150,7 +150,7 @@ _cpp_apply = super(torch.autograd.Function, GatedUpdate).apply
 def apply_gated_update(base, u, B, scale, k, bias, tau, real, gate_module: "TokenGate") -> torch.Tensor:
     """``GatedUpdate.apply`` (same arguments), by the C++ build of this function when it is available
     (tsft.gate.native), else without the Python prologue when that is not needed."""
-    if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
+    if _transforms_or_compiling():
         return GatedUpdate.apply(base, u, B, scale, k, bias, tau, real, gate_module)
     compiled = native.module()
     if compiled is None:
@@ -162,6 +162,22 @@ def apply_gated_update(base, u, B, scale, k, bias, tau, real, gate_module: "Toke
     if isinstance(scale, torch.Tensor):
         return compiled.gated_update(base, u, B, 1.0, scale, k, bias, tau, real, eps, accounting.queue)
     return compiled.gated_update(base, u, B, scale, None, k, bias, tau, real, eps, accounting.queue)
+
+
+def gated_forward(base, u, B, scale, k, bias, tau, ratio_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(base + S * delta, S)`` outside autograd (evaluation, generation), by the C++ build when it is available:
+    at one token per sequence, as in generation, the Python around the gate's operations is most of its cost."""
+    compiled = None if _transforms_or_compiling() else native.module()
+    if compiled is None:
+        delta, on = update_and_mask(base, u, scaled(B, scale), k, bias, tau, ratio_eps)
+        return gated_sum(base, on, delta), on
+    if isinstance(scale, torch.Tensor):
+        return compiled.gated_forward(base, u, B, 1.0, scale, k, bias, tau, ratio_eps)
+    return compiled.gated_forward(base, u, B, scale, None, k, bias, tau, ratio_eps)
+
+
+def _transforms_or_compiling() -> bool:
+    return torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling()
 
 
 def scaled(B: torch.Tensor, scale) -> torch.Tensor:

@@ -10,7 +10,7 @@ from torch import nn
 
 from tsft.gate.accounting import SPLITS, GateAccounting, Record, reduce_pending, zero_grads
 from tsft.gate.config import GateConfig
-from tsft.gate.function import apply_gated_update, gated_sum, scaled, update_and_mask
+from tsft.gate.function import apply_gated_update, gated_forward
 
 
 class GateContext:
@@ -71,10 +71,10 @@ class TokenGate(nn.Module):
             if queue is not None and len(queue) >= self.MAX_PENDING:
                 reduce_pending([self])
             return apply_gated_update(base, u, B, scale, k, bias, self.tau, real, self)
-        delta, on = update_and_mask(base, u, scaled(B, scale), k, bias, self.tau, self.config.ratio_eps)
+        out, on = gated_forward(base, u, B, scale, k, bias, self.tau, self.config.ratio_eps)
         if not self.training:  # a no-grad pass in train mode is reentrant checkpointing's first forward
             self._record("eval", None, on, real)
-        return gated_sum(base, on, delta)
+        return out
 
     def _real_tokens(self, base: torch.Tensor) -> Optional[torch.Tensor]:
         mask = self.context.token_mask

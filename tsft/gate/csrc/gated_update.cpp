@@ -46,6 +46,28 @@ static at::Tensor to_dtype(const at::Tensor& t, at::ScalarType dtype) {
   return t.scalar_type() == dtype ? t : t.to(dtype);  // a no-op .to still costs a dispatch
 }
 
+// update_and_mask of function.py: delta = u (c B)^T (+ k (base - bias)), and S = 1(||delta|| / max(||base||, eps)
+// >= tau) as a (..., 1) column of 0 / 1 in base's dtype.
+static std::tuple<at::Tensor, at::Tensor> update_and_mask(const at::Tensor& base, const at::Tensor& u,
+                                                          const at::Tensor& scaled_B,
+                                                          const std::optional<at::Tensor>& k,
+                                                          const std::optional<at::Tensor>& bias, const at::Tensor& tau,
+                                                          double ratio_eps) {
+  at::Tensor delta = to_dtype(at::linear(u, scaled_B), base.scalar_type());
+  if (k) {
+    at::Tensor frozen = bias ? base - *bias : base;
+    delta.addcmul_(frozen, to_dtype(*k, base.scalar_type()));
+  }
+  auto norm_dtype = c10::promoteTypes(base.scalar_type(), at::kFloat);
+  at::Tensor ratio = at::linalg_vector_norm(delta, 2, at::IntArrayRef{-1}, true, norm_dtype);
+  at::Tensor base_norm = at::linalg_vector_norm(base, 2, at::IntArrayRef{-1}, true, norm_dtype);
+  return {delta, to_dtype(ratio.div_(base_norm.clamp_min_(ratio_eps)).ge_(tau), base.scalar_type())};
+}
+
+static at::Tensor scaled(const at::Tensor& B, double scale, const std::optional<at::Tensor>& scale_t) {
+  return scale_t ? B * *scale_t : (scale == 1.0 ? B : B * scale);
+}
+
 struct GatedUpdate : public torch::autograd::Function<GatedUpdate> {
   // scale: the branch constant c as a number; scale_t: c as a tensor (AdaLoRA's scaling / ranknum), then
   // scale is 1. k and bias: DoRA's rescale of the frozen output. real: the real-token mask, or none.
@@ -53,18 +75,8 @@ struct GatedUpdate : public torch::autograd::Function<GatedUpdate> {
                             std::optional<at::Tensor> scale_t, std::optional<at::Tensor> k,
                             std::optional<at::Tensor> bias, at::Tensor tau, std::optional<at::Tensor> real,
                             double ratio_eps, c10::intrusive_ptr<RecordQueue> queue) {
-    at::Tensor scaled_B = scale_t ? B * *scale_t : (scale == 1.0 ? B : B * scale);
-    // update_and_mask: delta, then S = 1(||delta|| / max(||base||, eps) >= tau) as a (..., 1) column
-    at::Tensor delta = to_dtype(at::linear(u, scaled_B), base.scalar_type());
-    if (k) {
-      at::Tensor frozen = bias ? base - *bias : base;
-      delta.addcmul_(frozen, to_dtype(*k, base.scalar_type()));
-    }
-    auto norm_dtype = c10::promoteTypes(base.scalar_type(), at::kFloat);
-    at::Tensor ratio = at::linalg_vector_norm(delta, 2, at::IntArrayRef{-1}, true, norm_dtype);
-    at::Tensor base_norm = at::linalg_vector_norm(base, 2, at::IntArrayRef{-1}, true, norm_dtype);
-    at::Tensor on = to_dtype(ratio.div_(base_norm.clamp_min_(ratio_eps)).ge_(tau), base.scalar_type());
-
+    at::Tensor scaled_B = scaled(B, scale, scale_t);
+    auto [delta, on] = update_and_mask(base, u, scaled_B, k, bias, tau, ratio_eps);
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["queue"] = c10::IValue::make_capsule(queue);
     ctx->save_for_backward({u, scaled_B, on, real.value_or(at::Tensor()), k.value_or(at::Tensor()),
@@ -132,6 +144,15 @@ static at::Tensor gated_update(at::Tensor base, at::Tensor u, at::Tensor B, doub
   return GatedUpdate::apply(base, u, B, scale, scale_t, k, bias, tau, real, ratio_eps, queue);
 }
 
+// Evaluation and generation (no autograd): the output and S, which the gate counts in Python.
+static std::tuple<at::Tensor, at::Tensor> gated_forward(at::Tensor base, at::Tensor u, at::Tensor B, double scale,
+                                                        std::optional<at::Tensor> scale_t,
+                                                        std::optional<at::Tensor> k, std::optional<at::Tensor> bias,
+                                                        at::Tensor tau, double ratio_eps) {
+  auto [delta, on] = update_and_mask(base, u, scaled(B, scale, scale_t), k, bias, tau, ratio_eps);
+  return {at::addcmul_out(delta, base, on, delta), on};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<RecordQueue, c10::intrusive_ptr<RecordQueue>>(m, "RecordQueue")
       .def(py::init([]() { return c10::make_intrusive<RecordQueue>(); }))
@@ -140,4 +161,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gated_update", &gated_update,
         "GatedUpdate.apply(base, u, B, scale, k, bias, tau, real, gate) of function.py, with c split into a "
         "number and a tensor and the gate into its ratio_eps and record queue");
+  m.def("gated_forward", &gated_forward, "(base + S * delta, S) without autograd: the gate's evaluation pass");
 }

@@ -23,9 +23,9 @@ Output: ``out = base + S * delta`` with ``S_i = 1(r_i >= tau)``, ``r_i = ||delta
 (Llama-family projections have no bias, so the choice only matters for encoder models.)
 
 ``csrc/gated_update.cpp`` is this autograd function written in C++, operation for operation (bit-identical
-results, tests/gate/test_native.py); training uses it when it is built (tsft.gate.native), because the
-Python around ~20 tensor operations per gated layer costs a few % of a step. This file is the reference,
-the fallback, and what runs under functorch transforms and torch.compile.
+results, tests/gate/test_native.py); training and evaluation use it when it is built (tsft.gate.native),
+because the Python around ~20 tensor operations per gated layer costs a few % of a step. This file is the
+reference, the fallback, and what runs under functorch transforms and torch.compile.
 """
 
 from __future__ import annotations
@@ -158,10 +158,9 @@ def apply_gated_update(base, u, B, scale, k, bias, tau, real, gate_module: "Toke
     accounting = gate_module.accounting
     if accounting.queue is None:
         accounting.queue = compiled.RecordQueue()
+    number, tensor = _number_or_tensor(scale)
     eps = gate_module.config.ratio_eps
-    if isinstance(scale, torch.Tensor):
-        return compiled.gated_update(base, u, B, 1.0, scale, k, bias, tau, real, eps, accounting.queue)
-    return compiled.gated_update(base, u, B, scale, None, k, bias, tau, real, eps, accounting.queue)
+    return compiled.gated_update(base, u, B, number, tensor, k, bias, tau, real, eps, accounting.queue)
 
 
 def gated_forward(base, u, B, scale, k, bias, tau, ratio_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,13 +170,16 @@ def gated_forward(base, u, B, scale, k, bias, tau, ratio_eps: float) -> tuple[to
     if compiled is None:
         delta, on = update_and_mask(base, u, scaled(B, scale), k, bias, tau, ratio_eps)
         return gated_sum(base, on, delta), on
-    if isinstance(scale, torch.Tensor):
-        return compiled.gated_forward(base, u, B, 1.0, scale, k, bias, tau, ratio_eps)
-    return compiled.gated_forward(base, u, B, scale, None, k, bias, tau, ratio_eps)
+    return compiled.gated_forward(base, u, B, *_number_or_tensor(scale), k, bias, tau, ratio_eps)
 
 
 def _transforms_or_compiling() -> bool:
     return torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling()
+
+
+def _number_or_tensor(scale) -> tuple[float, Optional[torch.Tensor]]:
+    """The C++ functions take the branch constant c as a number, or as a tensor with the number 1."""
+    return (1.0, scale) if isinstance(scale, torch.Tensor) else (scale, None)
 
 
 def scaled(B: torch.Tensor, scale) -> torch.Tensor:

@@ -1,9 +1,10 @@
 """The C++ build of the gated update (``csrc/gated_update.cpp``), compiled on first use.
 
 Training calls the C++ autograd function when it is available and the Python ``GatedUpdate``
-(tsft.gate.function) otherwise; both compute the same thing operation for operation, and the tests
-compare them bit for bit. The C++ one spares each gated layer the Python around its ~20 tensor
-operations, ~2-3 % of a training step of the width-256 benchmark Llama (docs/gate.md).
+(tsft.gate.function) otherwise, evaluation the C++ ``gated_forward`` or the Python forward; both compute
+the same thing operation for operation, and the tests compare them bit for bit. The C++ one spares each
+gated layer the Python around its ~20 tensor operations, ~2-3 % of a training step of the width-256
+benchmark Llama (docs/gate.md).
 
 The build uses torch's own extension loader (a C++ compiler and ninja; ~40 s once, cached by torch in
 ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``). ``make install`` builds it ahead

@@ -153,7 +153,9 @@ def test_gated_off_tokens_give_peft_no_gradient():
 # the branch's scaling is applied inside the function: a number (LoRA, adapter; either sign) or a tensor
 # (AdaLoRA's scaling / ranknum, which goes onto the mask in backward)
 @pytest.mark.parametrize("scale", [1.0, 0.75, -0.75, "tensor"])
-def test_gated_update_gradcheck(with_dora, rank, scale):
+# the Python function, and the training entry point: the C++ build (tsft/gate/csrc) when it is built
+@pytest.mark.parametrize("apply", [GatedUpdate.apply, apply_gated_update], ids=["python", "entry-point"])
+def test_gated_update_gradcheck(with_dora, rank, scale, apply):
     """The hand-written backward equals finite differences (float64), with S held away from tau."""
     torch.manual_seed(0)
     if scale == "tensor":
@@ -170,7 +172,7 @@ def test_gated_update_gradcheck(with_dora, rank, scale):
     tau = (ratios[2] + ratios[3]) / 2
 
     def fn(base, u, B, *k):
-        return GatedUpdate.apply(base, u, B, scale, k[0] if k else None, bias, tau, None, gate)
+        return apply(base, u, B, scale, k[0] if k else None, bias, tau, None, gate)
 
     inputs = (base, u, B) + ((k,) if with_dora else ())
     with torch.no_grad():
@@ -180,8 +182,8 @@ def test_gated_update_gradcheck(with_dora, rank, scale):
 
 
 def test_training_entry_point_equals_the_public_apply():
-    """apply_gated_update enters autograd's C++ apply directly: same output, gradients and queued g as
-    GatedUpdate.apply; under a functorch transform it defers to the public apply (and its error)."""
+    """apply_gated_update (the C++ build, or autograd's C++ apply entered directly): same output, gradients and
+    queued g as GatedUpdate.apply; under a functorch transform it defers to the public apply (and its error)."""
     torch.manual_seed(0)
     results = []
     for apply in (GatedUpdate.apply, apply_gated_update):

@@ -127,26 +127,23 @@ class DictModel(torch.nn.Module):
         return {"loss": masked_mse(self.inner, {"x": x, "attention_mask": attention_mask, "labels": labels})}
 
 
+def hf_training_args(tmp_path, **overrides):
+    """Three quiet CPU steps at lr 1e-2 with nothing saved; ``overrides`` set the batch and the rest."""
+    from transformers import TrainingArguments
+
+    settings = dict(max_steps=3, learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True)
+    return TrainingArguments(output_dir=str(tmp_path), **{**settings, **overrides})
+
+
 def test_hf_trainer_callback_steps_thresholds_and_allocator(tmp_path):
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
     inner = peft_model("adalora")
     gates = add_token_gates(inner, CONFIG)
     calls = []
     allocate = inner.base_model.update_and_allocate
     inner.base_model.update_and_allocate = lambda step: (calls.append(step), allocate(step))
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=3,
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=2,
-        learning_rate=1e-2,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        logging_steps=1,
-        disable_tqdm=True,
-    )
+    args = hf_training_args(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2, logging_steps=1)
     trainer = Trainer(
         model=DictModel(inner), args=args, train_dataset=Regression(), callbacks=[TokenGateTrainerCallback(inner)]
     )

@@ -17,7 +17,6 @@ from tsft.gate import GateConfig, ThresholdOptimizer, add_token_gates, find_toke
 from tsft.gate.accounting import reduce_pending
 
 from .conftest import adapter_model, peft_model, tiny_llama
-from .test_arithmetic import reference_adam
 
 CONFIG = GateConfig(lam=1e-2, s=1e-2)
 
@@ -175,6 +174,39 @@ def _loopback_carries_tcp() -> bool:
         return False
 
 
+def position_mean_loss(model, x, mask, target):
+    """Squared error over real tokens divided by the number of positions (not of real tokens), so the
+    loss of a batch is exactly the mean of its halves' losses: what DDP's gradient averaging descends."""
+    out = model(x, attention_mask=mask)
+    return (((out - target) ** 2).sum(-1) * mask).sum() / mask.numel()
+
+
+def make_for(config: GateConfig):
+    model = peft_model("lora")
+    thresholds = ThresholdOptimizer(add_token_gates(model, config))
+    return model, thresholds
+
+
+DDP_STEPS, WORLD = 3, 2
+
+
+def run_global_batches(model, thresholds, rank: int = 0, world: int = 1):
+    """Three steps on global batches of 4; with ``world`` ranks each takes its rows of every batch.
+    Returns (every gate's tau after each step, this rank's own g before each step)."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    taus, own_g = [], []
+    for step in range(DDP_STEPS):
+        x, mask, target = batch(step)
+        rows = slice(rank * 4 // world, (rank + 1) * 4 // world)
+        position_mean_loss(model, x[rows], mask[rows], target[rows]).backward()
+        own_g.append([float(g.threshold_grad) for g in thresholds.gates])
+        optimizer.step()
+        thresholds.step()
+        optimizer.zero_grad()
+        taus.append([float(g.tau) for g in thresholds.gates])
+    return taus, own_g
+
+
 def _ddp_worker(rank: int, world: int, store: str, out_dir: str) -> None:
     # Bind gloo to loopback by name: its default resolves the hostname, which a sandbox may not map.
     if os.path.exists("/sys/class/net/lo"):
@@ -184,27 +216,26 @@ def _ddp_worker(rank: int, world: int, store: str, out_dir: str) -> None:
         "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
     )
     torch.set_num_threads(1)
-    model, _, thresholds = make()
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
-    optimizer = torch.optim.AdamW([p for p in ddp.parameters() if p.requires_grad], lr=1e-2)
-    local_g = []
-    for step in range(3):
-        x, mask, target = batch(10 * step + rank)  # each rank sees different data
-        loss_fn(ddp, x, mask, target).backward()
-        local_g.append([float(g.threshold_grad) for g in thresholds.gates])
-        optimizer.step()
-        thresholds.step()
-        optimizer.zero_grad()
+    result = {}
+    for adam in (True, False):
+        model, thresholds = make_for(GateConfig(lam=CONFIG.lam, s=CONFIG.s, adam=adam))
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        taus, own_g = run_global_batches(ddp, thresholds, rank, world)
+        weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        result[adam] = {"tau": taus, "g": own_g, "weights": weights}
     partial = f"{out_dir}/rank{rank}.pt.partial"
-    torch.save({"tau": [g.tau.clone() for g in thresholds.gates], "g": local_g}, partial)
+    torch.save(result, partial)
     os.replace(partial, f"{out_dir}/rank{rank}.pt")  # the test reads a result only once it is whole
     dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not _loopback_carries_tcp(), reason="loopback is down: two gloo ranks cannot connect")
-def test_ddp_ranks_keep_identical_tau(tmp_path):
-    ranks = mp.spawn(_ddp_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=False)
-    results = [tmp_path / f"rank{rank}.pt" for rank in range(2)]
+def test_two_ranks_step_tau_as_one_process_on_the_global_batch(tmp_path):
+    """W ranks on a global batch give the g, and so the tau, of one process on that batch (Adam and plain
+    step): the loss term of g is averaged over ranks as DDP averages the PEFT gradients, lambda S summed.
+    Summing both (the old rule) made the loss term exactly W times too large in every gate."""
+    ranks = mp.spawn(_ddp_worker, args=(WORLD, str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD, join=False)
+    results = [tmp_path / f"rank{rank}.pt" for rank in range(WORLD)]
     deadline = time.monotonic() + 240
     try:
         while not ranks.join(timeout=5):  # raises if a rank failed
@@ -218,16 +249,21 @@ def test_ddp_ranks_keep_identical_tau(tmp_path):
             if process.is_alive():
                 process.kill()
     r0, r1 = (torch.load(result) for result in results)
-    assert r0["g"] != r1["g"]  # the ranks' own g differ ...
-    for a, b in zip(r0["tau"], r1["tau"]):
-        assert torch.equal(a, b)  # ... but their thresholds move together
-    # ... and by exactly the Adam steps of the summed g (all_reduce SUM), not of either rank's own.
-    for gate_index, tau in enumerate(r0["tau"]):
-        summed = [r0["g"][k][gate_index] + r1["g"][k][gate_index] for k in range(3)]
-        expected = reference_adam(0.0, summed, s=CONFIG.s)[-1]
-        assert float(tau) == pytest.approx(expected, rel=1e-5)
-        own = reference_adam(0.0, [r0["g"][k][gate_index] for k in range(3)], s=CONFIG.s)[-1]
-        assert float(tau) != pytest.approx(own, rel=1e-5)
+    for adam in (True, False):
+        model, thresholds = make_for(GateConfig(lam=CONFIG.lam, s=CONFIG.s, adam=adam))
+        taus, _ = run_global_batches(model, thresholds)
+        assert r0[adam]["g"] != r1[adam]["g"]  # the ranks' own g differ ...
+        assert r0[adam]["tau"] == r1[adam]["tau"]  # ... their thresholds move together ...
+        for name, weight in model.named_parameters():  # (the same training: PEFT weights agree)
+            if weight.requires_grad:
+                torch.testing.assert_close(r0[adam]["weights"][name], weight.detach(), rtol=1e-5, atol=1e-6)
+        # ... and step by step exactly as the one process's
+        for ddp_step, one_step in zip(r0[adam]["tau"], taus):
+            assert ddp_step == pytest.approx(one_step, rel=1e-5, abs=1e-9)
+    # the plain step shows g itself: tau_1 = alpha s g_1, so the ranks' g combine to the one process's g
+    _, one_g = run_global_batches(*make_for(GateConfig(lam=CONFIG.lam, s=CONFIG.s, adam=False)))
+    combined = [tau / CONFIG.s for tau in r0[False]["tau"][0]]
+    assert combined == pytest.approx(one_g[0], rel=1e-5)
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
@@ -356,3 +392,48 @@ def test_second_optimizer_over_the_same_gates_keeps_the_first_correct():
     train(reference, ref_optimizer, ref_thresholds, range(3))
     assert [float(g.tau) for g in thresholds.gates] == [float(g.tau) for g in ref_thresholds.gates]
     assert all(float(g.tau) != 0 for g in thresholds.gates)
+
+
+# ---------------------------------------------------------------- what a pass records
+@pytest.mark.parametrize("kind", ["lora", "dora", "adalora", "adapter"])
+def test_eval_mode_with_autograd_counts_as_evaluation_and_leaves_tau_alone(kind):
+    """model.eval() is evaluation in any grad mode: a hand-written loop (or a saliency pass) that forgets
+    no_grad reports the same eval sparsity and output as one under no_grad, gets PEFT gradients, and
+    neither queues g nor counts training tokens."""
+    model = adapter_model() if kind == "adapter" else peft_model(kind)
+    gates = add_token_gates(model, CONFIG)
+    ThresholdOptimizer(gates)
+    with torch.no_grad():  # a threshold between the tokens' ratios, so S has both values
+        for gate in gates:
+            gate.tau.fill_(0.03 if kind == "adalora" else 0.3)
+    model.eval()
+    x, mask, target = batch(0)
+    with torch.no_grad():
+        expected = model(x, attention_mask=mask)
+    no_grad_counts = [gate.counts("eval") for gate in gates]
+    for gate in gates:
+        gate.reset_stats()
+    out = model(x, attention_mask=mask)
+    assert torch.allclose(out, expected, atol=1e-6)
+    assert [gate.counts("eval") for gate in gates] == no_grad_counts
+    assert any(0 < on < tokens for on, tokens in no_grad_counts)  # the check covers a mixed gate
+    (((out - target) ** 2).sum(-1) * mask).sum().backward()
+    assert all(gate.counts("train") == (0, 0) for gate in gates)
+    assert all(gate.threshold_grad is None or float(gate.threshold_grad) == 0 for gate in gates)
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads) and any(float(g.abs().sum()) > 0 for g in grads)
+
+
+def test_eval_mode_gradients_are_those_of_the_dense_update_on_the_gated_tokens():
+    """The differentiable evaluation path is autograd through base + S * delta with S fixed: at tau = 0
+    (every token on) its PEFT gradients equal the training path's."""
+    x, mask, target = batch(1)
+    grads = []
+    for train_mode in (True, False):
+        model = peft_model("lora")
+        add_token_gates(model, CONFIG)
+        model.train(train_mode)
+        (((model(x, attention_mask=mask) - target) ** 2).sum(-1) * mask).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+    for trained, evaluated in zip(*grads):
+        assert torch.allclose(trained, evaluated, atol=1e-6)

@@ -39,35 +39,61 @@ class Record(NamedTuple):
 
 
 class AccountingTable:
-    """g and (gated-on, real) token counts of several gates, one row per gate, in float64."""
+    """g and (gated-on, real) token counts of several gates, one row per gate, in float64.
+
+    g (Eq. 15) is kept as its two terms, because they scale differently: ``grad`` holds the loss term
+    sum_i 1[1(mu_i >= 0) = S_i] mu_i, which is a derivative of the loss and so carries whatever the loss
+    carries (a GradScaler's loss scale; under data parallelism, one rank's share of an averaged
+    gradient), and ``penalty`` the count term lambda sum_i S_i, which does not. The threshold
+    optimizer unscales and averages the first and sums the second (ThresholdOptimizer.step).
+    """
 
     def __init__(self, size: int, device: torch.device) -> None:
         with torch.inference_mode(False):  # Lightning evaluates in inference mode; the sums outlive it
             self.grad = torch.zeros(size, dtype=torch.float64, device=device)
+            self.penalty = torch.zeros(size, dtype=torch.float64, device=device)
             self.counts = {split: torch.zeros(size, 2, dtype=torch.float64, device=device) for split in SPLITS}
 
-    def add(self, split: str, accounts: list["GateAccounting"], g: Optional[torch.Tensor], active, tokens) -> None:
-        """Add the sums of ``accounts`` to their rows: ``g`` (None for eval passes) and ``active`` are float64
-        vectors over ``accounts`` (all of this table); ``tokens`` is one too, or a single count for all of them."""
+    def add(self, split: str, accounts: list["GateAccounting"], g: Optional["GradTerms"], active, tokens) -> None:
+        """Add the sums of ``accounts`` to their rows: ``g`` (None for eval passes) holds float64 vectors over
+        ``accounts``, as does ``active``; ``tokens`` is one too, or a single count for all of them."""
         counts = self.counts[split]
         if len(accounts) == len(self.grad) and all(account.index == i for i, account in enumerate(accounts)):
             # every row once, in order (the threshold step's case): plain vector adds, no index tensor
             counts[:, 0] += active
             counts[:, 1] += tokens
             if g is not None:
-                self.grad += g
+                self.grad += g.loss
+                self.penalty += g.penalty
             return
         # repeats (micro-batches of one gate) must add up: index_add_ does, += on an index does not
         rows = torch.tensor([account.index for account in accounts], device=self.grad.device)
         counts[:, 0].index_add_(0, rows, active)
         counts[:, 1].index_add_(0, rows, _per_row(tokens, len(accounts), rows.device))
         if g is not None:
-            self.grad.index_add_(0, rows, g)
+            self.grad.index_add_(0, rows, g.loss)
+            self.penalty.index_add_(0, rows, g.penalty)
+
+    def zero_grad(self, rows: Optional[list[int]] = None) -> None:
+        """Both terms of g back to zero, for every row or the given ones."""
+        for terms in (self.grad, self.penalty):
+            if rows is None:
+                terms.zero_()
+            else:
+                terms.index_fill_(0, torch.tensor(rows, device=terms.device), 0)
 
     def to(self, device: torch.device) -> None:
         with torch.inference_mode(False):
             self.grad = self.grad.to(device)
+            self.penalty = self.penalty.to(device)
             self.counts = {split: counts.to(device) for split, counts in self.counts.items()}
+
+
+class GradTerms(NamedTuple):
+    """The two terms of g (Eq. 15) per record: the loss term (mu) and the count term (lambda S)."""
+
+    loss: torch.Tensor
+    penalty: torch.Tensor
 
 
 class GateAccounting:
@@ -107,7 +133,8 @@ class GateAccounting:
             self.pending["train"].extend(Record(*record) for record in self.queue.drain())
 
     def grad(self) -> Optional[torch.Tensor]:
-        return self.table.grad[self.index] if self.has_grad else None
+        """This gate's g (Eq. 15) as its own backward passes saw it: both terms, as the loss was scaled."""
+        return self.table.grad[self.index] + self.table.penalty[self.index] if self.has_grad else None
 
     def counts(self, split: str) -> tuple[int, int]:
         if self.table is None:
@@ -130,6 +157,7 @@ def share_table(gates: Iterable["TokenGate"], device: torch.device) -> Accountin
         if account.table is not None:
             old = account.table
             table.grad[index] = old.grad[account.index]
+            table.penalty[index] = old.penalty[account.index]
             for split in SPLITS:
                 table.counts[split][index] = old.counts[split][account.index]
         account.table, account.index = table, index
@@ -161,7 +189,7 @@ def reduce_pending(gates: Iterable["TokenGate"]) -> None:
                 table.add(split, accounts, g, active, tokens)
             else:  # the group spans the tables of several threshold optimizers: each takes its part
                 part = torch.tensor(positions, device=active.device)
-                g_part = None if g is None else g[part]
+                g_part = None if g is None else GradTerms(g.loss[part], g.penalty[part])
                 tokens_part = _per_row(tokens, len(accounts), active.device)[part]
                 table.add(split, [accounts[i] for i in positions], g_part, active[part], tokens_part)
         if split == "train":
@@ -175,10 +203,7 @@ def zero_grads(gates: Iterable["TokenGate"]) -> None:
     reduce_pending(gates)
     accounts = [gate.accounting for gate in gates if gate.accounting.table is not None]
     for table, (_, indices) in _by_table(accounts).items():
-        if len(set(indices)) == len(table.grad):
-            table.grad.zero_()
-        else:
-            table.grad.index_fill_(0, torch.tensor(indices, device=table.grad.device), 0)
+        table.zero_grad(None if len(set(indices)) == len(table.grad) else indices)
     for gate in gates:
         gate.accounting.has_grad = False
 
@@ -203,10 +228,10 @@ def _by_table(
 
 def _stats(
     records: list[Record], lam: list[float]
-) -> tuple[Optional[torch.Tensor], torch.Tensor, Union[int, torch.Tensor]]:
-    """Per record: its share of g (Eq. 15; None for eval records), its gated-on real tokens and its real
-    tokens: float64 vectors over the records, except that the real-token count may be one number (or a
-    one-element tensor) that holds for all of them.
+) -> tuple[Optional[GradTerms], torch.Tensor, Union[int, torch.Tensor]]:
+    """Per record: its share of g (Eq. 15) as its two terms (None for eval records), its gated-on real tokens
+    and its real tokens: float64 vectors over the records, except that the real-token count may be one
+    number (or a one-element tensor) that holds for all of them.
 
     The records of one backward pass share one real-token mask (the batch's), so it is used as one row
     rather than stacked per record; ``1[1(mu >= 0) = S] mu`` is computed as ``min(mu, 0) + S |mu|``
@@ -229,12 +254,12 @@ def _stats(
     terms = mu.clamp(max=0)
     if real is not None:
         terms.mul_(real)
-    g = terms.addcmul_(on, mu.abs()).sum(1, dtype=torch.float64)
+    loss_term = terms.addcmul_(on, mu.abs()).sum(1, dtype=torch.float64)
     if all(value == lam[0] for value in lam):
-        g.add_(active, alpha=lam[0])
+        penalty = active * lam[0]
     else:
-        g.addcmul_(torch.tensor(lam, dtype=torch.float64, device=g.device), active)
-    return g, active, tokens
+        penalty = active * torch.tensor(lam, dtype=torch.float64, device=active.device)
+    return GradTerms(loss_term, penalty), active, tokens
 
 
 def _per_row(value: Union[int, torch.Tensor], n: int, device: torch.device) -> torch.Tensor:

@@ -173,6 +173,25 @@ def gated_forward(base, u, B, scale, k, bias, tau, ratio_eps: float) -> tuple[to
     return compiled.gated_forward(base, u, B, *_number_or_tensor(scale), k, bias, tau, ratio_eps)
 
 
+def differentiable_eval_forward(base, u, B, scale, k, bias, tau, ratio_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(base + S * delta, S)`` in eval mode with autograd on (saliency, attribution, adversarial evaluation):
+    the same S as ``gated_forward``, differentiable in the input and the PEFT weights by plain autograd.
+
+    S is held fixed (it is a step function: its derivative is zero almost everywhere) and tau gets
+    no gradient, because Eq. 15 is a training statistic: a backward through an evaluation pass must not
+    move the threshold. Not a hot path, so it is written for clarity rather than speed."""
+    scaled_B = scaled(B, scale)
+    with torch.no_grad():
+        _, on = update_and_mask(base, u, scaled_B, k, bias, tau, ratio_eps)
+    delta = F.linear(u, scaled_B)
+    if delta.dtype != base.dtype:
+        delta = delta.to(base.dtype)
+    if k is not None:
+        frozen = base - bias if bias is not None else base
+        delta = delta + frozen * k.to(base.dtype)
+    return torch.addcmul(base, on, delta), on
+
+
 def _transforms_or_compiling() -> bool:
     return torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling()
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from tsft.gate.accounting import SPLITS, GateAccounting, Record, reduce_pending, zero_grads
 from tsft.gate.config import GateConfig
-from tsft.gate.function import apply_gated_update, gated_forward
+from tsft.gate.function import apply_gated_update, differentiable_eval_forward, gated_forward
 
 
 class GateContext:
@@ -63,7 +63,14 @@ class TokenGate(nn.Module):
     ) -> torch.Tensor:
         """``base + S * delta`` for ``delta = u (scale B)^T (+ k (base - bias))``; see tsft.gate.function."""
         real = self._real_tokens(base)
-        if torch.is_grad_enabled() and (u.requires_grad or B.requires_grad or base.requires_grad):
+        differentiable = torch.is_grad_enabled() and (u.requires_grad or B.requires_grad or base.requires_grad)
+        if not self.training:
+            # model.eval() is evaluation in any grad mode: the eval split counts the pass, tau gets no gradient.
+            forward = differentiable_eval_forward if differentiable else gated_forward
+            out, on = forward(base, u, B, scale, k, bias, self.tau, self.config.ratio_eps)
+            self._record("eval", None, on, real)
+            return out
+        if differentiable:
             # Training: statistics and g are recorded in backward, which runs once per micro-batch
             # even when gradient checkpointing runs this forward twice. The C++ backward queues them
             # where Python cannot bound the queue, so that happens here, before the next pass.
@@ -71,9 +78,9 @@ class TokenGate(nn.Module):
             if queue is not None and len(queue) >= self.MAX_PENDING:
                 reduce_pending([self])
             return apply_gated_update(base, u, B, scale, k, bias, self.tau, real, self)
-        out, on = gated_forward(base, u, B, scale, k, bias, self.tau, self.config.ratio_eps)
-        if not self.training:  # a no-grad pass in train mode is reentrant checkpointing's first forward
-            self._record("eval", None, on, real)
+        # Train mode without autograd records nothing, on purpose: that pass is reentrant gradient
+        # checkpointing's first forward, whose tokens backward counts again (docs/gate.md, "What a pass records").
+        out, _ = gated_forward(base, u, B, scale, k, bias, self.tau, self.config.ratio_eps)
         return out
 
     def _real_tokens(self, base: torch.Tensor) -> Optional[torch.Tensor]:

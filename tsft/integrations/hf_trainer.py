@@ -29,6 +29,7 @@ class TokenGateTrainerCallback(TrainerCallback):
         self.model = model
         self.thresholds = ThresholdOptimizer(gates)
         self.resume_from = resume_from
+        self._loss_scale = 1.0  # the fp16 loss scale of the current step (on_pre_optimizer_step)
         # The Trainer never calls AdaLoRA's rank allocator; peft's AdaLoraModel needs it every step.
         self.allocator = getattr(getattr(model, "base_model", None), "update_and_allocate", None)
 
@@ -40,9 +41,16 @@ class TokenGateTrainerCallback(TrainerCallback):
         for gate in self.thresholds.gates:
             gate.reset_stats("train")
 
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        # Called once per optimizer step, after the gradients of all accumulation steps.
-        self.thresholds.step()
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        # With fp16 the loss was multiplied by the scaler's scale, which the step may change: read it now.
+        scaler = getattr(optimizer, "scaler", None)  # accelerate's AcceleratedOptimizer holds the GradScaler
+        self._loss_scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else 1.0
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        # Called once per optimizer step, after the gradients of all accumulation steps. A step the scaler
+        # skipped (inf/NaN gradients) is skipped for tau too, and g is unscaled as the PEFT gradients are.
+        skipped = bool(getattr(optimizer, "step_was_skipped", False))
+        self.thresholds.step(self._loss_scale, found_inf=skipped)
         if self.allocator is not None:
             self.allocator(state.global_step)
 

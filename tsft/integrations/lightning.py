@@ -40,7 +40,7 @@ class TokenGateCallback(pl.Callback):
             gate.reset_stats("train")
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        self.thresholds.step()
+        self.thresholds.step(*loss_scale_of_step(getattr(trainer.precision_plugin, "scaler", None), optimizer))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         # Reading counts synchronises with the device: do it only when Lightning logs anyway.
@@ -84,3 +84,24 @@ class TokenGateCallback(pl.Callback):
                 if module[key] is not None:
                     pl_module.log(f"sparsity_{prefix}/{module['name']}", module[key])
                 pl_module.log(f"tau/{module['name']}", module["tau"])
+
+
+def loss_scale_of_step(scaler, optimizer) -> tuple[float, bool]:
+    """(loss scale, whether the scaler found inf/NaN gradients) for the step ``optimizer`` is about to take.
+
+    Lightning's "16-mixed" unscales the PEFT gradients before ``on_before_optimizer_step`` (and updates
+    the scale only after the step), so here ``get_scale()`` is the scale the backward used and the
+    scaler has already looked for inf/NaN. Its verdict is only kept in ``_found_inf_per_device``
+    (private, but what ``GradScaler.step`` itself reads); a later torch without it falls back to the
+    threshold optimizer's own check of g.
+    """
+    if scaler is None or not scaler.is_enabled():
+        return 1.0, False
+    found = getattr(scaler, "_found_inf_per_device", None)
+    found_inf = False
+    if found is not None:
+        try:
+            found_inf = any(bool(flag.item()) for flag in found(optimizer).values())
+        except (KeyError, RuntimeError):  # not unscaled for this optimizer (e.g. a closure that skipped backward)
+            found_inf = False
+    return scaler.get_scale(), found_inf

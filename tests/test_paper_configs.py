@@ -69,6 +69,8 @@ def test_table3_config_matches_tables_3_and_6(composed, task, method):
     else:
         assert peft["hidden_size"] == 32  # Section 4.2: "using a hidden size of 32"
     assert peft["scale"] == row["scale"]
+    if peft["name"] != "adapter":  # Scale read as r / lora_alpha (docs/decisions.md)
+        assert peft["scale_reading"] == "r_over_alpha"
     assert peft["dropout"] == row["dropout"]
     assert peft["target_modules"] == [t.lower() for t in row["target"]]
     assert cfg["optim"]["lr"] == row["lr"]
@@ -107,3 +109,29 @@ def test_cpu_preset_config(composed, task, method):
     assert {k: v for k, v in cfg["peft"].items() if k != "deltaT"} == {
         k: v for k, v in paper["peft"].items() if k != "deltaT"
     }
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "adalora"])
+@pytest.mark.parametrize(("reading", "alpha_per_rank"), [(None, 2.0), ("alpha_over_r", 0.5)])
+def test_lora_alpha_follows_the_scale_reading(composed, method, reading, alpha_per_rank):
+    """Table 6's Scale 0.5 gives the recipes' lora_alpha = 2r (CSR r 32 -> 64); one override gives 0.5 r.
+    Checked on the peft config the model is built with, not on the YAML."""
+    from tsft.config import validate
+    from tsft.models.peft_methods import lora_alpha
+
+    overrides = ["task=csr", f"peft={method}"] + ([f"peft.scale_reading={reading}"] if reading else [])
+    cfg = compose("train", overrides=overrides)  # Hydra is initialised by the composed fixture
+    validate(cfg)
+    rank = cfg.peft.init_r if method == "adalora" else cfg.peft.r
+    assert cfg.peft.scale == 0.5 and lora_alpha(cfg.peft, rank) == alpha_per_rank * rank
+    if method == "lora":
+        assert lora_alpha(cfg.peft, rank) == (64 if reading is None else 16)
+
+
+def test_unknown_scale_reading_is_refused_naming_the_choices(composed):
+    from tsft.config import validate
+    from tsft.errors import InputError
+
+    cfg = compose("train", overrides=["task=csr", "peft.scale_reading=alpha"])
+    with pytest.raises(InputError, match="r_over_alpha, alpha_over_r"):
+        validate(cfg)

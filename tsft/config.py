@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 from tsft.errors import InputError
 
 PEFT_METHODS = ("lora", "dora", "adalora", "adapter")
+SCALE_READINGS = ("r_over_alpha", "alpha_over_r")  # how Table 6's "Scale" sets lora_alpha (configs/peft/lora.yaml)
 LOGGER_KINDS = ("csv", "wandb", "tensorboard", "none")
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -118,6 +119,11 @@ def _check_peft(peft: DictConfig) -> None:
         _positive_int(peft, "hidden_size")
     _require(0 <= peft.dropout < 1, f"peft.dropout must lie in [0, 1) (got {peft.dropout})")
     _require(peft.scale > 0, f"peft.scale must be > 0 (got {peft.scale})")
+    if name != "adapter":
+        _require(
+            peft.get("scale_reading") in SCALE_READINGS,
+            f"peft.scale_reading must be one of {', '.join(SCALE_READINGS)} (got {peft.get('scale_reading')})",
+        )
     _require(len(peft.target_modules) > 0, "peft.target_modules is empty; set e.g. peft.target_modules=[q,v]")
 
 

@@ -29,7 +29,7 @@ from tsft.config import method_name, run_base_name, validate
 from tsft.data.csr import TEST_SETS, CSRDataModule
 from tsft.data.glue import GlueDataModule
 from tsft.errors import InputError
-from tsft.eval.glue import headline_score
+from tsft.eval.glue import headline_score, trivial_score
 from tsft.lit.base import PeftModule
 from tsft.lit.causal_lm import CausalLMModule
 from tsft.lit.classification import SequenceClassificationModule
@@ -77,6 +77,10 @@ GLUE = TaskFamily(
         model, cfg.optim, cfg.peft, cfg.task.glue_task, cfg.task.num_labels, data.eval_splits
     ),
     score=_glue_score,
+    # the chance line of the evaluated dev examples (headline split: MNLI's matched), for the tables
+    result_extras=lambda cfg, data: {
+        "trivial_score": trivial_score(cfg.task.glue_task, [ex.label for ex in data.splits[data.eval_splits[0]]])
+    },
 )
 
 

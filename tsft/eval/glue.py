@@ -27,3 +27,15 @@ def glue_metrics(glue_task: str, num_labels: int) -> MetricCollection:
 def headline_score(glue_task: str, metrics: dict[str, float]) -> float:
     """The paper's number for the task: its headline metric x 100."""
     return 100.0 * metrics[HEADLINE_METRIC.get(glue_task, "accuracy")]
+
+
+def trivial_score(glue_task: str, labels: list[int | float]) -> float:
+    """The headline score of the best constant prediction on these (dev) labels, the chance line of a table:
+    the majority class's accuracy; 0 for CoLA's MCC and STS-B's Pearson, which a constant cannot raise
+    above 0 (both are 0 or undefined for it, and a table reads undefined as no skill)."""
+    if glue_task in ("cola", "stsb"):
+        return 0.0
+    counts: dict[int | float, int] = {}
+    for label in labels:
+        counts[label] = counts.get(label, 0) + 1
+    return 100.0 * max(counts.values()) / len(labels)

@@ -47,7 +47,7 @@ def apply_peft(
         config = LoraConfig(
             task_type=task_type,
             r=peft_cfg.r,
-            lora_alpha=peft_cfg.scale * peft_cfg.r,
+            lora_alpha=lora_alpha(peft_cfg, peft_cfg.r),
             lora_dropout=peft_cfg.dropout,
             target_modules=targets,
             use_dora=peft_cfg.use_dora,
@@ -60,7 +60,7 @@ def apply_peft(
             init_r=peft_cfg.init_r,
             target_r=peft_cfg.target_r,
             # AdaLoRA scales by lora_alpha / init_r throughout (its rank count is not updated on pruning).
-            lora_alpha=peft_cfg.scale * peft_cfg.init_r,
+            lora_alpha=lora_alpha(peft_cfg, peft_cfg.init_r),
             lora_dropout=peft_cfg.dropout,
             target_modules=targets,
             modules_to_save=head or None,
@@ -70,6 +70,14 @@ def apply_peft(
         )
         return get_peft_model(model, config)
     return _add_parallel_adapters(model, peft_cfg, targets, head)
+
+
+def lora_alpha(peft_cfg: DictConfig, rank: int) -> float:
+    """lora_alpha from Table 6's "Scale": ``rank / scale`` under the default reading r / alpha (the recipes'
+    alpha = 2r for Scale 0.5), ``scale * rank`` under ``alpha_over_r`` (configs/peft/lora.yaml says why)."""
+    if peft_cfg.scale_reading == "r_over_alpha":
+        return rank / peft_cfg.scale
+    return peft_cfg.scale * rank
 
 
 def _add_parallel_adapters(model: nn.Module, peft_cfg: DictConfig, targets: list[str], head: list[str]) -> nn.Module:

@@ -40,9 +40,10 @@ test: install ## run the default test suite (tiny models, a few minutes)
 test-slow: install ## run only the slow tests that train on the real data in ../shared/data
 	$(PY) -m pytest -q -m slow
 
-quickstart: install ## TS-LoRA on RTE with MiniLM-L6 on the CPU (a few minutes); prints accuracy and sparsity
-	@test -n "$(TSFT_DATA_DIR)" || { echo "error: no ../shared/data; set TSFT_DATA_DIR=<folder holding glue/RTE>"; exit 1; }
+quickstart: install ## TS-LoRA on SST-2 with MiniLM-L6 on the CPU (~2 min); prints accuracy, sparsity, tau range
+	@test -n "$(TSFT_DATA_DIR)" || { echo "error: no ../shared/data; set TSFT_DATA_DIR=<folder holding glue/SST-2>"; exit 1; }
 	$(PY) train.py experiment=quickstart
+	@echo "dense LoRA at the same scale, for comparison: $(PY) train.py experiment=quickstart sparsity=off"
 
 bench-gate: install ## gate cost: step time and peak memory gated / dense per method and model (20-25 min on 2 cores)
 	$(PY) scripts/bench_gate_overhead.py

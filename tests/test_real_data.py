@@ -1,4 +1,4 @@
-"""Slow (`make test-slow`): the real MiniLM-L6 fine-tuned on the real RTE files in ../shared/data."""
+"""Slow (`make test-slow`): the real MiniLM-L6 fine-tuned on the real SST-2 files (the quickstart) in ../shared/data."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from .helpers import REPO_ROOT, SHARED_DATA, needs_shared_glue
 
 @pytest.mark.slow
 @needs_shared_glue
-def test_minilm_ts_lora_on_real_rte_writes_accuracy_and_sparsity(tmp_path):
+def test_minilm_ts_lora_on_real_sst2_writes_accuracy_and_sparsity(tmp_path):
     env = {**os.environ, "TSFT_DATA_DIR": str(SHARED_DATA), "HF_HUB_OFFLINE": "1"}
     command = [
         sys.executable,
@@ -28,10 +28,10 @@ def test_minilm_ts_lora_on_real_rte_writes_accuracy_and_sparsity(tmp_path):
     ]
     out = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stderr[-2000:]
-    (result_file,) = (tmp_path / "results" / "runs" / "glue" / "rte").glob("*/result.json")
+    (result_file,) = (tmp_path / "results" / "runs" / "glue" / "sst2").glob("*/result.json")
     result = json.loads(result_file.read_text())
-    assert result["preset"] == "custom" and result["scale"]["train_examples"] == 2490
-    assert result["scale"] == {**result["scale"], "max_steps": 10, "eval_examples": 100, "max_length": 128}
+    assert result["preset"] == "custom" and result["scale"]["train_examples"] == 67349
+    assert result["scale"] == {**result["scale"], "max_steps": 10, "eval_examples": 100, "max_length": 64}
     accuracy = result["metrics"]["accuracy"]
     assert 0 <= accuracy <= 1 and abs(accuracy * 100 - round(accuracy * 100)) < 1e-4  # k correct of 100
     assert f"accuracy={accuracy:.4f}" in out.stdout

@@ -38,6 +38,7 @@ def write_run(
     per_dataset=None,
     s=1e-4,
     name=None,
+    trivial=None,
 ):
     """One result.json in the contract's layout (<root>/<task>/<run_name>/result.json)."""
     ts = method.startswith("ts-")
@@ -64,6 +65,7 @@ def write_run(
         "scale": scale or CPU_SCALE,
         "config": {"sparsity": {"s": s} if ts else {"enabled": False}},
         "git_commit": "abcdef1234567890",
+        **({} if trivial is None else {"trivial_score": trivial}),
         "wall_time_s": 1.0,
     }
     path = root / task / run_name / "result.json"
@@ -191,18 +193,71 @@ def test_balanced_seeds_average_has_std_over_seed_averages(tmp_path):
 
 def test_runs_that_cannot_be_pooled_are_flagged_not_averaged(tmp_path):
     runs = tmp_path / "runs"
+    # neither is the paper's λ for RTE (2e-6), so both are calibrated-λ runs, which must share one λ
     write_run(runs, task="glue/rte", method="ts-adalora", seed=1, score=60.0, sparsity=0.5, lam=1e-6)
     write_run(runs, task="glue/rte", method="ts-adalora", seed=2, score=70.0, sparsity=0.5, lam=1e-4)
     write_run(runs, task="glue/cola", method="lora", seed=1, score=50.0, name="a")
     write_run(runs, task="glue/cola", method="lora", seed=1, score=52.0, name="b")
     text, _ = build(runs)
     rows = md_rows(text)
-    assert rows[("TS-AdaLoRA", "score — ours")]["RTE"] == "‡"
-    assert rows[("TS-AdaLoRA", "sparsity % — ours")]["RTE"] == "‡"
-    assert rows[("TS-AdaLoRA", "λ — ours")]["RTE"] == "1e-6 / 1e-4"
+    calibrated = "TS-AdaLoRA (calibrated λ)"
+    assert rows[(calibrated, "score — ours")]["RTE"] == "‡"
+    assert rows[(calibrated, "sparsity % — ours")]["RTE"] == "‡"
+    assert rows[(calibrated, "λ — ours")]["RTE"] == "1e-6 / 1e-4"
+    assert rows[("TS-AdaLoRA", "score — ours")]["RTE"] == "—"  # no run at the paper's λ
     assert rows[("LoRA", "score — ours")]["CoLA"] == "‡"
-    assert "TS-AdaLoRA / RTE: ‡ not aggregated, runs with several λ: 1e-6 / 1e-4" in text
+    assert "TS-AdaLoRA (calibrated λ) / RTE: ‡ not aggregated, runs with several λ: 1e-6 / 1e-4" in text
     assert "LoRA / CoLA: ‡ not aggregated, seed 1 in 2 runs" in text
+
+
+PAIRED = "score — TS − LoRA, paired (95 % CI)"
+
+
+def test_trivial_row_shows_the_chance_line_the_runs_recorded(tmp_path):
+    runs = tmp_path / "runs"
+    for task, trivial in (("cola", 0.0), ("rte", 52.7), ("mrpc", 68.4), ("sst2", 50.9), ("stsb", 0.0)):
+        write_run(runs, task=f"glue/{task}", method="lora", score=70.0, trivial=trivial)
+    write_run(runs, task="glue/rte", method="adapter", score=60.0, trivial=52.7)
+    row = md_rows(build(runs)[0])[("Trivial baseline", "majority class / constant")]
+    assert row == {"CoLA": "0.0", "RTE": "52.7", "MRPC": "68.4", "SST-2": "50.9", "STS-B": "0.0", "Avg": "34.4"}
+    write_run(runs, task="glue/rte", method="dora", score=60.0, trivial=50.0)  # evaluated other examples
+    row = md_rows(build(runs)[0])[("Trivial baseline", "majority class / constant")]
+    assert (row["RTE"], row["Avg"]) == ("50.0 / 52.7", "—")
+
+
+def test_ts_minus_dense_is_paired_by_seed_with_a_t_interval(tmp_path):
+    runs = tmp_path / "runs"
+    lam = tables.load_paper("table3")["methods"]["ts-lora"]["lambda"]
+    for seed, dense, ts in ((1, 60.0, 61.0), (2, 62.0, 62.0), (3, 64.0, 66.0)):
+        for task in ("cola", "rte", "mrpc", "sst2", "stsb"):
+            write_run(runs, task=f"glue/{task}", method="lora", seed=seed, score=dense)
+            write_run(runs, task=f"glue/{task}", method="ts-lora", seed=seed, score=ts, sparsity=0.9, lam=lam[task])
+    write_run(runs, task="glue/cola", method="ts-lora", seed=4, score=99.0, sparsity=0.9, lam=lam["cola"])  # unpaired
+    rows = md_rows(build(runs)[0])
+    # differences 1, 0, 2: mean 1, sd 1, t(0.975, 2) = 4.303 -> half-width 4.303 / sqrt(3) = 2.484
+    assert rows[("TS-LoRA", PAIRED)]["RTE"] == "+1.0 [-1.5, +3.5] (n=3)"
+    assert rows[("TS-LoRA", PAIRED)]["CoLA"] == "+1.0 [-1.5, +3.5] (n=3)"  # seed 4 has no dense partner
+    assert rows[("TS-LoRA", PAIRED)]["Avg"] == "+1.0 [-1.5, +3.5] (n=3)"
+    assert rows[("TS-AdaLoRA", "score — TS − AdaLoRA, paired (95 % CI)")]["RTE"] == "—"
+
+
+def test_calibrated_lambda_runs_get_their_own_rows(tmp_path):
+    runs = tmp_path / "runs"
+    paper_lam = tables.load_paper("table3")["methods"]["ts-lora"]["lambda"]["sst2"]
+    for seed, score in ((1, 80.0), (2, 82.0)):
+        write_run(runs, task="glue/sst2", method="lora", seed=seed, score=score)
+        write_run(runs, task="glue/sst2", method="ts-lora", seed=seed, score=score - 5, sparsity=0.95, lam=paper_lam)
+        write_run(runs, task="glue/sst2", method="ts-lora", seed=seed, score=score - 1, sparsity=0.5, lam=1e-7)
+    text, _ = build(runs)
+    rows = md_rows(text)
+    assert rows[("TS-LoRA", "score — ours")]["SST-2"] == "76.0 ± 1.4 (n=2)"
+    assert rows[("TS-LoRA", "λ — ours")]["SST-2"] == "2e-5"
+    calibrated = "TS-LoRA (calibrated λ)"
+    assert rows[(calibrated, "score — ours")]["SST-2"] == "80.0 ± 1.4 (n=2)"
+    assert rows[(calibrated, "sparsity % — ours")]["SST-2"] == "50.0 ± 0.0 (n=2)"
+    assert rows[(calibrated, "λ — ours")]["SST-2"] == "1e-7"
+    assert rows[(calibrated, PAIRED)]["SST-2"] == "-1.0 [-1.0, -1.0] (n=2)"  # sd 0: a zero-width interval
+    assert "(calibrated λ): runs of the TS method at a λ other than the paper's" in text
 
 
 def test_header_states_scale_and_lists_disagreements(cpu_grid):

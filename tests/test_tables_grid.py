@@ -90,7 +90,7 @@ def test_cpu_grid_command(tmp_path):
         f"table3_cpu_{m}" for m in ("lora", "ts_lora", "adalora", "ts_adalora", "adapter", "ts_adapter")
     ]
     assert re.search(r"'task=([^']+)'", command).group(1).split(",") == [f"glue/{t}" for t in GLUE_TASKS["cpu"]]
-    assert "'seed=1'" in command and "++skip_existing=true" in command
+    assert "'seed=1,2,3'" in command and "++skip_existing=true" in command  # three seeds: paired intervals
     assert "aggregate-$table PRESET=cpu" in command
     for name in experiments:  # every swept experiment exists
         assert (ROOT / "configs" / "experiment" / f"{name}.yaml").is_file()

@@ -195,3 +195,18 @@ def test_wandb_logs_offline_without_an_account(tiny, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     run_dir, _ = run(tiny("logger=wandb", "trainer.max_steps=1", "checkpoint.enabled=false"))
     assert list((run_dir / "wandb").glob("offline-run-*"))
+
+
+def test_progress_bar_counts_the_planned_optimizer_steps(tiny, monkeypatch):
+    # 32 train rows / batch 8 = 4 batches an epoch; 6 steps span two epochs. Lightning's own bar
+    # would show 4 (the epoch's batches) and restart at 0 in epoch 1.
+    seen = []
+
+    class Recording(tsft.pipeline.StepProgressBar):
+        def on_train_end(self, trainer, pl_module):
+            seen.append((self.train_progress_bar.n, self.train_progress_bar.total))
+            super().on_train_end(trainer, pl_module)
+
+    monkeypatch.setattr(tsft.pipeline, "StepProgressBar", Recording)
+    run(tiny("trainer.max_steps=6", "trainer.enable_progress_bar=true", "checkpoint.enabled=false"))
+    assert seen == [(6, 6)]

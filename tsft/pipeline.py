@@ -33,6 +33,7 @@ from tsft.eval.glue import headline_score, trivial_score
 from tsft.lit.base import PeftModule
 from tsft.lit.causal_lm import CausalLMModule
 from tsft.lit.classification import SequenceClassificationModule
+from tsft.lit.progress import StepProgressBar
 from tsft.models import build_peft_model, load_tokenizer
 from tsft.report.grid import finished_result
 from tsft.report.result import make_result, write_result
@@ -251,6 +252,8 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[Callback]:
         from tsft.integrations.lightning import TokenGateCallback
 
         callbacks.append(TokenGateCallback(cfg.sparsity))
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(StepProgressBar())  # planned optimizer steps, not the epoch's batches
     return callbacks
 
 

@@ -7,7 +7,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tsft.report.runs import Stat
+from tsft.report.runs import PairedDiff, Stat
 
 MISSING = "—"
 
@@ -20,6 +20,15 @@ def fmt_stat(stat: Stat | None) -> str:
     if stat.std is None:
         return f"{stat.mean:.1f} (n={stat.n})"
     return f"{stat.mean:.1f} ± {stat.std:.1f} (n={stat.n})"
+
+
+def fmt_paired(diff: PairedDiff | None) -> str:
+    """'+0.3 [-1.2, +1.8] (n=3)': mean paired difference and its 95 % interval."""
+    if diff is None:
+        return MISSING
+    if diff.half_width is None:
+        return f"{diff.mean:+.1f} (n={diff.n})"
+    return f"{diff.mean:+.1f} [{diff.mean - diff.half_width:+.1f}, {diff.mean + diff.half_width:+.1f}] (n={diff.n})"
 
 
 def fmt_sci(x: float | None) -> str:

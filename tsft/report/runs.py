@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from scipy.stats import t
+
 SCALE_FIELDS = ("model", "train_examples", "max_steps", "epochs", "max_length", "eval_examples")
 
 
@@ -51,6 +53,37 @@ def seed_stat(values: list[float]) -> Stat:
     mean = sum(values) / n
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
     return Stat(mean, std, n)
+
+
+@dataclass(frozen=True)
+class PairedDiff:
+    """Mean of per-seed differences (treated − control) over the n seeds both ran, with the half-width
+    of its two-sided 95 % Student-t interval (None below two pairs)."""
+
+    mean: float
+    half_width: float | None
+    n: int
+
+
+def paired_diff(treated: dict[Any, float], control: dict[Any, float], confidence: float = 0.95) -> PairedDiff | None:
+    """Seeds pair the runs: the same seed gives the same data order and initialisation to both methods,
+    so the per-seed difference removes the noise the two share. None when no seed ran both."""
+    seeds = sorted(set(treated) & set(control), key=str)
+    if not seeds:
+        return None
+    diffs = seed_stat([treated[s] - control[s] for s in seeds])
+    half = (
+        None if diffs.std is None else float(t.ppf((1 + confidence) / 2, diffs.n - 1)) * diffs.std / math.sqrt(diffs.n)
+    )
+    return PairedDiff(diffs.mean, half, diffs.n)
+
+
+def per_seed_average(per_column: dict[str, dict[Any, float]], columns: list[str]) -> dict[Any, float]:
+    """seed -> mean over columns, for the seeds that every column ran (empty if a column has none)."""
+    if any(not per_column.get(c) for c in columns):
+        return {}
+    seeds = set.intersection(*(set(per_column[c]) for c in columns))
+    return {s: sum(per_column[c][s] for c in columns) / len(columns) for s in seeds}
 
 
 def average_stat(per_column: dict[str, dict[Any, float]], columns: list[str]) -> Stat | None:

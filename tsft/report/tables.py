@@ -11,14 +11,25 @@ Rules that make the tables citable:
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tsft.report.render import MISSING, Grid, Report, fmt_sci, fmt_stat, write_report
-from tsft.report.runs import Stat, average_stat, load_runs, provenance, scale_summary, seed_stat, short_key
+from tsft.report.render import MISSING, Grid, Report, fmt_paired, fmt_sci, fmt_stat, write_report
+from tsft.report.runs import (
+    Stat,
+    average_stat,
+    load_runs,
+    paired_diff,
+    per_seed_average,
+    provenance,
+    scale_summary,
+    seed_stat,
+    short_key,
+)
 
 PAPER_DIR = Path(__file__).resolve().parents[2] / "results" / "paper"
 CONFLICT = "‡"
@@ -55,6 +66,16 @@ QKV = ("q_proj", "k_proj", "v_proj")
 SPARSITY_DEFINITION = (
     "Sparsity (Eq. 21) = share of tokens whose update the gate skipped, measured on the evaluation data "
     "(result.json `sparsity.overall` / module `sparsity`)."
+)
+
+GLUE_TRIVIAL_SOURCE = (
+    "Trivial baseline: the headline score of one constant prediction on the evaluated dev labels (result.json "
+    "`trivial_score`): the majority class's accuracy; 0 for CoLA's MCC and STS-B's Pearson, which no constant "
+    "raises above 0."
+)
+CSR_TRIVIAL_SOURCE = (
+    "Trivial baseline: the accuracy of always giving the most common gold answer of the evaluated records "
+    "(result.json `trivial_score[<dataset>]`); about 1/k for a balanced k-way choice."
 )
 
 Extract = Callable[[dict[str, Any]], dict[str, tuple[float | None, float | None]]]
@@ -128,6 +149,8 @@ class Benchmark:
     columns: list[str]
     extract: Extract
     sparsity_source: str
+    trivial: Callable[[dict[str, Any]], dict[str, float]]  # column -> the run's trivial score (percent)
+    trivial_source: str  # how the runs computed it, for the notes
 
 
 def glue_extract(columns: list[str]) -> Extract:
@@ -139,6 +162,11 @@ def glue_extract(columns: list[str]) -> Extract:
         return {task: (run.get("score"), None if overall is None else 100 * overall)}
 
     return extract
+
+
+def glue_trivial(run: dict[str, Any]) -> dict[str, float]:
+    value = run.get("trivial_score")
+    return {} if value is None else {short_key(run.get("task", "")): value}
 
 
 def csr_extract(run: dict[str, Any]) -> dict[str, tuple[float | None, float | None]]:
@@ -154,17 +182,29 @@ def csr_extract(run: dict[str, Any]) -> dict[str, tuple[float | None, float | No
     return {col: (sc, sp) for col, (sc, sp) in out.items()}
 
 
+def csr_trivial(run: dict[str, Any]) -> dict[str, float]:
+    per_dataset = run.get("trivial_score") or {}
+    return {CSR_ALIASES[short_key(k)]: v for k, v in per_dataset.items() if short_key(k) in CSR_ALIASES}
+
+
 def benchmark_report(bench: Benchmark, runs: list[dict[str, Any]], header: list[str]) -> Report:
     paper = load_paper(bench.name)
     cols = bench.columns
     full = cols == paper["columns"]
-    labels = [paper["column_labels"][c] for c in cols] + ["Avg"]
     hyper_col = bench.name == "table1"  # Table 1 prints λ/s in a column, Table 3 in per-task rows
-    head = ["Method", "Row"] + (["λ / s"] if hyper_col else []) + labels
-    rows, starts, notes = [], [], []
+    head = ["Method", "Row"] + (["λ / s"] if hyper_col else []) + [paper["column_labels"][c] for c in cols] + ["Avg"]
+    blank = [""] if hyper_col else []
+    table_no = paper["source"]["table"]
+    rows, starts, notes = [], [0], [bench.trivial_source]
+    trivial = _trivial_row(bench, runs)
+    rows.append(trivial[:2] + blank + trivial[2:])
+    dense_scores: dict[str, dict[str, dict[Any, float]]] = {}
     for method, pm in paper["methods"].items():
         ts = "sparsity" in pm
-        data = gather([r for r in runs if r.get("method") == method], bench.extract, ts)
+        at_paper_lambda, calibrated = _split_by_lambda([r for r in runs if r.get("method") == method], pm, bench, ts)
+        data = gather(at_paper_lambda, bench.extract, ts)
+        if not ts:
+            dense_scores[method] = data.score
         starts.append(len(rows))
         quantities = [("score", data.score, pm["score"])] + (
             [("sparsity %", data.sparsity, pm["sparsity"])] if ts else []
@@ -176,13 +216,13 @@ def benchmark_report(bench: Benchmark, runs: list[dict[str, Any]], header: list[
             paper_avg = paper_row["avg"] if full else sum(paper_vals.values()) / len(cols)
             paper_avg_txt = fmt_paper(paper_avg) + ("" if full else PAPER_DERIVED)
             ours_cells = [CONFLICT if c in data.conflicts else fmt_stat(ours[c]) for c in cols] + [fmt_stat(ours_avg)]
-            hyper = ([], [], [])
-            if hyper_col:  # λ and s once per method, on its score rows
-                hyper = ([_ours_hyper(data, ts)], [_paper_hyper(pm)], [""]) if qname == "score" else ([""],) * 3
+            hyper = (blank, blank, blank)
+            if hyper_col and qname == "score":  # λ and s once per method, on its score rows
+                hyper = ([_ours_hyper(data, ts)], [_paper_hyper(pm)], [""])
             first = pm["label"] if qname == "score" else ""
             rows.append([first, f"{qname} — ours"] + hyper[0] + ours_cells)
             rows.append(
-                ["", f"{qname} — paper (Table {paper['source']['table']})"]
+                ["", f"{qname} — paper (Table {table_no})"]
                 + hyper[1]
                 + [fmt_paper(paper_vals[c]) for c in cols]
                 + [paper_avg_txt]
@@ -193,14 +233,30 @@ def benchmark_report(bench: Benchmark, runs: list[dict[str, Any]], header: list[
                 + [fmt_diff(ours[c], paper_vals[c]) for c in cols]
                 + [fmt_diff(ours_avg, paper_avg)]
             )
+        if ts:
+            rows.append(["", _paired_label(method, paper)] + blank + _paired_cells(data, dense_scores, method, cols))
         if ts and not hyper_col:
             rows.append(["", "λ — ours"] + [fmt_values(data.lambdas.get(c, set())) for c in cols] + [""])
-            rows.append(
-                ["", f"λ — paper (Table {paper['source']['table']})"] + [fmt_sci(pm["lambda"][c]) for c in cols] + [""]
-            )
+            rows.append(["", f"λ — paper (Table {table_no})"] + [fmt_sci(pm["lambda"][c]) for c in cols] + [""])
         notes += _conflict_notes(pm["label"], data.conflicts, paper["column_labels"])
+        cal = gather(calibrated, bench.extract, ts)
+        if calibrated:
+            starts.append(len(rows))
+            rows += _calibrated_rows(cal, dense_scores, method, paper, cols, hyper_col)
+            notes += _conflict_notes(f"{pm['label']} (calibrated λ)", cal.conflicts, paper["column_labels"])
         if ts:
-            notes.append(f"{pm['label']}: gate scale s in the runs' config.sparsity.s: {fmt_values(data.s_values)}.")
+            s_values = data.s_values | cal.s_values
+            notes.append(f"{pm['label']}: gate scale s in the runs' config.sparsity.s: {fmt_values(s_values)}.")
+    notes.append(
+        "TS − dense, paired: per seed, the TS run's score minus the dense run's with the same seed (same data "
+        "order and initialisation), averaged over the n seeds both ran; [lo, hi] is the two-sided 95 % "
+        "Student-t interval of that mean. An interval that contains 0 means the difference is within seed noise."
+    )
+    if any(row[0].endswith("(calibrated λ)") for row in rows):
+        notes.append(
+            "(calibrated λ): runs of the TS method at a λ other than the paper's for that column, chosen by a λ "
+            "sweep so that sparsity falls in the paper's range (see docs/small-scale.md); their λ row says which."
+        )
     if not full:
         notes.append(
             f"{PAPER_DERIVED} Paper Avg over the columns shown: the mean of the paper's printed per-task "
@@ -215,6 +271,74 @@ def benchmark_report(bench: Benchmark, runs: list[dict[str, Any]], header: list[
         grids=[Grid(f"{paper['source']['benchmark']}: ours vs. paper", head, rows, starts)],
         notes=notes,
     )
+
+
+def _trivial_row(bench: Benchmark, runs: list[dict[str, Any]]) -> list[str]:
+    """The chance line: the score of the best constant prediction on the evaluated labels, as the runs
+    recorded it. Runs that evaluated different examples may disagree: then every value is listed."""
+    seen: dict[str, set[float]] = defaultdict(set)
+    for run in runs:
+        for col, value in bench.trivial(run).items():
+            if col in bench.columns:
+                seen[col].add(round(value, 4))
+    cells = [" / ".join(f"{v:.1f}" for v in sorted(seen[c])) if seen.get(c) else MISSING for c in bench.columns]
+    single = [next(iter(seen[c])) for c in bench.columns if len(seen.get(c, ())) == 1]
+    avg = fmt_paper(sum(single) / len(single)) if len(single) == len(bench.columns) else MISSING
+    return ["Trivial baseline", "majority class / constant"] + cells + [avg]
+
+
+def _split_by_lambda(runs, pm, bench: Benchmark, ts: bool) -> tuple[list, list]:
+    """TS runs at the paper's λ for their column, and the others (calibrated λ). Dense runs: all, none."""
+    if not ts:
+        return runs, []
+    at_paper, other = [], []
+    for run in runs:
+        paper_lambda = pm["lambda"]
+        if isinstance(paper_lambda, dict):  # Table 3: per task; a GLUE run covers one column
+            columns = list(bench.extract(run))
+            paper_lambda = paper_lambda.get(columns[0]) if columns else None
+        lam = run.get("lambda")
+        same = lam is not None and paper_lambda is not None and math.isclose(lam, paper_lambda, rel_tol=1e-9)
+        (at_paper if same or lam is None else other).append(run)
+    return at_paper, other
+
+
+def _paired_label(method: str, paper: dict[str, Any]) -> str:
+    dense = method.removeprefix("ts-")
+    return f"score — TS − {paper['methods'][dense]['label']}, paired (95 % CI)"
+
+
+def _paired_cells(data: MethodData, dense_scores, method: str, cols: list[str]) -> list[str]:
+    dense = dense_scores.get(method.removeprefix("ts-"), {})
+    cells = [
+        CONFLICT if c in data.conflicts else fmt_paired(paired_diff(data.score.get(c, {}), dense.get(c, {})))
+        for c in cols
+    ]
+    avg = paired_diff(per_seed_average(data.score, cols), per_seed_average(dense, cols))
+    return cells + [fmt_paired(avg)]
+
+
+def _calibrated_rows(data: MethodData, dense_scores, method, paper, cols, hyper_col: bool) -> list[list[str]]:
+    label = f"{paper['methods'][method]['label']} (calibrated λ)"
+    blank = [""] if hyper_col else []
+    rows = []
+    for i, (qname, values) in enumerate((("score", data.score), ("sparsity %", data.sparsity))):
+        cells = [
+            CONFLICT
+            if c in data.conflicts
+            else fmt_stat(seed_stat(list(values[c].values())))
+            if values.get(c)
+            else MISSING
+            for c in cols
+        ]
+        hyper = [_ours_hyper(data, True)] if hyper_col and i == 0 else blank
+        rows.append(
+            [label if i == 0 else "", f"{qname} — ours"] + hyper + cells + [fmt_stat(average_stat(values, cols))]
+        )
+    rows.append(["", _paired_label(method, paper)] + blank + _paired_cells(data, dense_scores, method, cols))
+    if not hyper_col:
+        rows.append(["", "λ — ours"] + [fmt_values(data.lambdas.get(c, set())) for c in cols] + [""])
+    return rows
 
 
 def _conflict_notes(label: str, conflicts: dict[str, str], column_labels: dict[str, str]) -> list[str]:
@@ -384,11 +508,18 @@ def build_report(table: str, runs_dir: Path, preset: str) -> Report:
         header.append("CSR evaluation (runs' `eval` field): " + (" | ".join(evals) or MISSING))
     if table == "table3":
         tasks = GLUE_TASKS.get(preset, GLUE_TASKS["paper"])
-        bench = Benchmark("table3", tasks, glue_extract(tasks), "the run's `sparsity.overall`")
+        bench = Benchmark(
+            "table3", tasks, glue_extract(tasks), "the run's `sparsity.overall`", glue_trivial, GLUE_TRIVIAL_SOURCE
+        )
         return benchmark_report(bench, runs, header)
     if table == "table1":
         bench = Benchmark(
-            "table1", load_paper("table1")["columns"], csr_extract, "the run's `sparsity.per_dataset[<dataset>]`"
+            "table1",
+            load_paper("table1")["columns"],
+            csr_extract,
+            "the run's `sparsity.per_dataset[<dataset>]`",
+            csr_trivial,
+            CSR_TRIVIAL_SOURCE,
         )
         report = benchmark_report(bench, runs, header)
         report.notes += _run_level_sparsity_notes(runs, load_paper("table1")["methods"])

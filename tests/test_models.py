@@ -37,7 +37,7 @@ def test_lora_trains_rank4_factors_and_the_head_only():
     assert sum(params.values()) == 2 * per_layer + CLASSIFIER
     assert all("lora_" in n or "classifier.modules_to_save" in n for n in params)
     query = model.base_model.model.bert.encoder.layer[0].attention.self.query
-    assert query.scaling["default"] == 0.5  # lora_alpha = scale * r = 2, scaling = alpha / r
+    assert query.scaling["default"] == 2.0  # Scale 0.5 read as r / alpha: lora_alpha = r / 0.5 = 8, scaling = alpha / r
 
 
 def test_dora_adds_one_magnitude_per_output_feature():
@@ -53,7 +53,7 @@ def test_adalora_starts_at_init_rank_with_the_step_schedule():
     per_layer = 4 * (6 * 32 + 32 * 6 + 6) + (6 * 32 + 64 * 6 + 6)  # A, B and the singular values E at init_r 6
     assert sum(trainable(model).values()) == 2 * per_layer + CLASSIFIER
     config = model.peft_config["default"]
-    assert (config.init_r, config.target_r, config.lora_alpha) == (6, 4, 3.0)
+    assert (config.init_r, config.target_r, config.lora_alpha) == (6, 4, 12.0)  # init_r / scale 0.5
     assert (config.total_step, config.tinit, config.tfinal, config.deltaT) == (50, 5, 10, 10)
 
 

@@ -124,6 +124,11 @@ def test_fit_trains_the_peft_weights_and_test_reports_generation_accuracy(tmp_pa
     trainer.test(module, datamodule=data, verbose=False)
     assert set(module.eval_metrics) == {*TEST_SETS, "avg"}
     assert module.eval_metrics == pytest.approx(_direct_accuracies(module, data))
+    # the share of responses holding an answer token, recounted from the predictions themselves
+    for name in TEST_SETS:
+        predictions = _direct_predictions(module, data, name)
+        parsed = sum(p != "" for p in predictions) / len(predictions)
+        assert module.eval_extras["answers_parsed"][name] == pytest.approx(parsed)
 
 
 def test_loglik_test_reports_accuracy_and_sparsity_per_test_set(tmp_path):
@@ -218,3 +223,7 @@ def test_train_py_run_writes_the_csr_result(tmp_path):
     assert written["train_data"] == ["boolq/train.json"]
     assert list(written["sparsity"]["per_dataset"]) == list(TEST_SETS)
     assert written["scale"]["eval_examples"] == 8 * 3
+    assert written["answers_parsed"] == dict.fromkeys(TEST_SETS, 1.0)  # loglik always picks an offered answer
+    for name in TEST_SETS:  # the most common gold answer's share of the evaluated records
+        answers = [r["answer"] for r in json.loads((tmp_path / "data" / "csr" / name / "test.json").read_text())]
+        assert written["trivial_score"][name] == pytest.approx(100 * max(map(answers.count, answers)) / len(answers))

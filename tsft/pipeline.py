@@ -29,6 +29,7 @@ from tsft.config import method_name, run_base_name, validate
 from tsft.data.csr import TEST_SETS, CSRDataModule
 from tsft.data.glue import GlueDataModule
 from tsft.errors import InputError
+from tsft.eval.csr import trivial_scores as csr_trivial_scores
 from tsft.eval.glue import headline_score, trivial_score
 from tsft.lit.base import PeftModule
 from tsft.lit.causal_lm import CausalLMModule
@@ -113,6 +114,7 @@ CSR = TaskFamily(
     result_extras=lambda cfg, data: {
         "eval": {"mode": cfg.task.eval_mode, "limit": cfg.task.eval_limit},  # limit: records per test set,
         "train_data": data.train_data,
+        "trivial_score": csr_trivial_scores(data.test_sets),
     },
 )
 
@@ -173,6 +175,7 @@ def fit_and_evaluate(
         scale=run_scale(cfg, trainer, datamodule),
         wall_time_s=time.monotonic() - started,
         **family.result_extras(cfg, datamodule),
+        **getattr(module, "eval_extras", {}),  # CSR: share of answers that parse, per test set
     )
     if trainer.is_global_zero:
         write_result(run_dir / paths.RESULT_FILENAME, result)

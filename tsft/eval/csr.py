@@ -15,6 +15,7 @@ response format, which generation scores as wrong.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from typing import Any
 
 import torch
@@ -180,4 +181,15 @@ def accuracies(counts: dict[str, tuple[int, int]]) -> dict[str, float]:
     if not scores:
         raise ValueError("no test records were evaluated")
     scores["avg"] = sum(scores.values()) / len(scores)
+    return scores
+
+
+def trivial_scores(test_sets: dict[str, list[dict[str, Any]]]) -> dict[str, float]:
+    """Per test set, the accuracy (percent) of always giving its most common gold answer: the tables'
+    chance line (about 100/k for a balanced k-way choice; BoolQ's majority is higher)."""
+    scores = {}
+    for name, records in test_sets.items():
+        if records:
+            counts = Counter(record["answer"] for record in records)
+            scores[name] = 100.0 * max(counts.values()) / len(records)
     return scores

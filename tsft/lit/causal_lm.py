@@ -46,6 +46,7 @@ class CausalLMModule(PeftModule):
             # PEFT weights inside checkpointed layers to receive gradients.
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.eval_metrics: dict[str, float] = {}
+        self.eval_extras: dict[str, Any] = {}  # written to result.json beside the metrics
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.model(**batch).loss
@@ -58,7 +59,7 @@ class CausalLMModule(PeftModule):
     # ------------------------------------------------------------------ test: the CSR evaluation
     def on_test_epoch_start(self) -> None:
         self._gates = find_token_gates(self.model)
-        self._answers = torch.zeros(len(self.test_sets), 2, dtype=torch.long)  # (correct, total) per set
+        self._answers = torch.zeros(len(self.test_sets), 3, dtype=torch.long)  # (correct, parsed, total) per set
         # Gate counts are cumulative over the test loop (the TokenGateCallback reports the whole of it);
         # each set's share is the difference between the counts at its end and at its start.
         self._gate_counts = torch.zeros(len(self.test_sets), len(self._gates), 2, dtype=torch.long)
@@ -79,14 +80,21 @@ class CausalLMModule(PeftModule):
             self.max_new_tokens,
         )
         self._answers[dataloader_idx, 0] += sum(p == r["answer"] for p, r in zip(predictions, batch))
-        self._answers[dataloader_idx, 1] += len(batch)
+        self._answers[dataloader_idx, 1] += sum(p != "" for p in predictions)  # "": no answer token found
+        self._answers[dataloader_idx, 2] += len(batch)
 
     def on_test_epoch_end(self) -> None:
         self._close_test_set()
         # Under DDP each rank evaluated its shard: sum the counts. (Lightning's DistributedSampler evens the
         # shards by repeating up to world_size - 1 records per test set; one device counts each record once.)
         answers = self.trainer.strategy.reduce(self._answers.to(self.device), reduce_op="sum").cpu()
-        self.eval_metrics = accuracies({name: (int(c), int(n)) for name, (c, n) in zip(self.test_sets, answers)})
+        self.eval_metrics = accuracies({name: (int(c), int(n)) for name, (c, _, n) in zip(self.test_sets, answers)})
+        # Share of responses in which an answer token of the set's kind was found: a model that has not
+        # learned the answer format scores low because it answers nothing, not because it answers wrongly.
+        # (loglik mode always picks an offered answer: 1.0.)
+        self.eval_extras = {
+            "answers_parsed": {name: int(p) / int(n) for name, (_, p, n) in zip(self.test_sets, answers) if n > 0}
+        }
         self.log_dict({f"test/{name}": value for name, value in self.eval_metrics.items()})
         if self._gates:
             counts = self.trainer.strategy.reduce(self._gate_counts.to(self.device), reduce_op="sum").cpu()

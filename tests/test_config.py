@@ -95,6 +95,11 @@ def test_unknown_group_option_is_one_line_with_choices():
         ("task.batch_size=0", "task.batch_size must be > 0"),
         ("+trainer.max_stepz=3", "trainer.max_stepz is not a lightning.Trainer argument"),
         ("sparsity=ts", None),
+        ("run_name=../../../../escaped", "run_name '../../../../escaped' must be one directory name"),
+        ("run_name=/tmp/abs_escape", "run_name '/tmp/abs_escape' must be one directory name"),
+        ("run_name=a/b", "run_name 'a/b' must be one directory name"),
+        ("run_name=a..b", "run_name 'a..b' must be one directory name"),
+        ("run_name=ts-lora-minilm-l6-lam1.5e-05-seed1-cpu", None),
     ],
 )
 def test_validate_names_the_bad_value(override, message):

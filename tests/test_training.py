@@ -9,6 +9,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
+import tsft.paths
 import tsft.pipeline
 from tsft.pipeline import run
 
@@ -210,3 +211,16 @@ def test_progress_bar_counts_the_planned_optimizer_steps(tiny, monkeypatch):
     monkeypatch.setattr(tsft.pipeline, "StepProgressBar", Recording)
     run(tiny("trainer.max_steps=6", "trainer.enable_progress_bar=true", "checkpoint.enabled=false"))
     assert seen == [(6, 6)]
+
+
+@pytest.mark.parametrize("task_name", ["../../escaped", "/tmp/abs_escape"])
+def test_a_task_name_cannot_lead_a_run_out_of_the_results_dir(tiny, tmp_path, task_name):
+    with pytest.raises(tsft.pipeline.InputError, match="must be a relative name such as glue/rte"):
+        run(tiny(f"task.name={task_name}"))
+    assert not (tmp_path / "escaped").exists() and not list((tmp_path / "results").glob("**/*.json"))
+
+
+def test_create_run_dir_refuses_a_name_that_leaves_its_parent(tmp_path):
+    with pytest.raises(ValueError, match="would not be inside"):
+        tsft.paths.create_run_dir(tmp_path / "runs" / "rte", "../../outside")
+    assert not (tmp_path / "outside").exists() and not (tmp_path / "runs").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,7 @@ def with_implied_groups(overrides: list[str]) -> list[str]:
 
 def validate(cfg: DictConfig) -> None:
     """Raise InputError on the first setting that cannot work. Cheap: no data or model is loaded."""
+    _check_run_name(cfg.get("run_name"))
     _check_optim(cfg.optim)
     _check_task(cfg.task)
     _check_peft(cfg.peft)
@@ -80,6 +82,20 @@ def validate(cfg: DictConfig) -> None:
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise InputError(message)
+
+
+# One directory name: a run always lives in <results_dir>/runs/<task>/, so no separators, no "..".
+_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]*")
+
+
+def _check_run_name(run_name: Any) -> None:
+    if run_name is None:
+        return
+    _require(
+        isinstance(run_name, str) and _RUN_NAME.fullmatch(run_name) is not None and ".." not in run_name,
+        f"run_name '{run_name}' must be one directory name (letters, digits and . _ - + =, no '/' or '..'): "
+        "runs are written under paths.results_dir/runs/<task>/; e.g. run_name=my-run, or paths.results_dir=<dir>",
+    )
 
 
 def _check_optim(optim: DictConfig) -> None:

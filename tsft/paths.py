@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from tsft.errors import InputError
+
 RUNS_SUBDIR = "runs"
 CHECKPOINTS_SUBDIR = "checkpoints"
 RESULT_FILENAME = "result.json"
@@ -29,7 +31,11 @@ def cache_dir(paths: Mapping[str, Any]) -> Path:
 
 def task_runs_dir(paths: Mapping[str, Any], task_name: str) -> Path:
     """``<results_dir>/runs/<task>``; task names such as ``glue/rte`` nest one level."""
-    return resolve(paths["results_dir"]) / RUNS_SUBDIR / task_name
+    runs = resolve(paths["results_dir"]) / RUNS_SUBDIR
+    task_dir = (runs / task_name).resolve()
+    if runs not in task_dir.parents:
+        raise InputError(f"task.name '{task_name}' must be a relative name such as glue/rte, without '..'")
+    return task_dir
 
 
 def create_run_dir(parent: Path, base_name: str) -> Path:
@@ -38,9 +44,11 @@ def create_run_dir(parent: Path, base_name: str) -> Path:
     ``mkdir(exist_ok=False)`` is atomic, so two runs started at the same second with the same
     settings (e.g. a multirun on two machines sharing a disk) still get separate directories.
     """
-    parent.mkdir(parents=True, exist_ok=True)
     name = f"{base_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     candidate = parent / name
+    if candidate.resolve().parent != parent.resolve():  # tsft.config validates run names; this is the backstop
+        raise ValueError(f"run directory {candidate} would not be inside {parent}")
+    parent.mkdir(parents=True, exist_ok=True)
     while True:
         try:
             candidate.mkdir()

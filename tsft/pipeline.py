@@ -124,6 +124,7 @@ FAMILIES: dict[str, TaskFamily] = {"glue": GLUE, "csr": CSR}
 def run(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
     """Train and evaluate ``cfg``; return the run directory and the result written there."""
     validate(cfg)
+    paths.task_runs_dir(cfg.paths, cfg.task.name)  # refuses a task name leading out of results_dir, before loading
     if cfg.get("skip_existing") and (finished := finished_result(cfg)) is not None:
         log.info("skipping: %s is a finished run of this configuration", finished.parent)
         return finished.parent, json.loads(finished.read_text())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 from torchmetrics import Accuracy, F1Score, MatthewsCorrCoef, MetricCollection, PearsonCorrCoef, SpearmanCorrCoef
 
 # The metric Table 3 reports per task; MNLI reports accuracy on the matched dev set.
@@ -35,7 +37,4 @@ def trivial_score(glue_task: str, labels: list[int | float]) -> float:
     above 0 (both are 0 or undefined for it, and a table reads undefined as no skill)."""
     if glue_task in ("cola", "stsb"):
         return 0.0
-    counts: dict[int | float, int] = {}
-    for label in labels:
-        counts[label] = counts.get(label, 0) + 1
-    return 100.0 * max(counts.values()) / len(labels)
+    return 100.0 * max(Counter(labels).values()) / len(labels)

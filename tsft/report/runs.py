@@ -98,9 +98,8 @@ def average_stat(per_column: dict[str, dict[Any, float]], columns: list[str]) ->
     seed_sets = {frozenset(per_column[c]) for c in columns}
     if len(seed_sets) != 1:
         return Stat(mean, None, None)
-    seeds = sorted(next(iter(seed_sets)), key=str)
-    per_seed = [sum(per_column[c][s] for c in columns) / len(columns) for s in seeds]
-    return Stat(mean, seed_stat(per_seed).std, len(seeds))
+    per_seed = per_seed_average(per_column, columns)
+    return Stat(mean, seed_stat(list(per_seed.values())).std, len(per_seed))
 
 
 def scale_summary(runs: list[dict[str, Any]], group_key) -> list[str]:

@@ -13,6 +13,8 @@ from tsft import paths
 from tsft.report.grid import finished_result, result_exists
 from tsft.report.tables import GLUE_TASKS
 
+from .helpers import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 MK = ROOT / "mk" / "tables.mk"
 
@@ -83,9 +85,10 @@ def test_unknown_preset_is_refused(tmp_path):
 
 @needs_make
 def test_cpu_grid_command(tmp_path):
-    done = make(tmp_path, "-n", "table3", "PRESET=cpu")
-    command = next(line for line in done.stdout.splitlines() if "train.py -m" in line)
-    experiments = re.search(r"'experiment=([^']+)'", command).group(1).split(",")
+    done = make(tmp_path, "-n", "table3", "PRESET=cpu", "JOBS=2")
+    command = next(line for line in done.stdout.splitlines() if "scripts/run_grid.py" in line)
+    assert "--jobs 2" in command
+    experiments = re.search(r"--experiments '([^']+)'", command).group(1).split(",")
     assert experiments == [
         f"table3_cpu_{m}" for m in ("lora", "ts_lora", "adalora", "ts_adalora", "adapter", "ts_adapter")
     ]
@@ -94,3 +97,50 @@ def test_cpu_grid_command(tmp_path):
     assert "aggregate-$table PRESET=cpu" in command
     for name in experiments:  # every swept experiment exists
         assert (ROOT / "configs" / "experiment" / f"{name}.yaml").is_file()
+
+
+def test_run_grid_deals_experiments_round_robin_without_empty_jobs():
+    run_grid = load_script("run_grid")
+    assert run_grid.deal(["a", "b", "c", "d", "e", "f"], 2) == [["a", "c", "e"], ["b", "d", "f"]]
+    assert run_grid.deal(["a", "b"], 3) == [["a"], ["b"]]
+
+
+def test_run_grid_jobs_each_run_their_share_and_report_the_first_failure(tmp_path, monkeypatch):
+    """Two jobs side by side, one thread each, separate Hydra sweep directories; a failing job's status wins."""
+    run_grid = load_script("run_grid")
+    launched = []
+
+    class FakeProcess:
+        def __init__(self, command, cwd, env, stdout, stderr):
+            launched.append((command, env["OMP_NUM_THREADS"]))
+            self.status = 3 if "experiment=b" in command else 0
+
+        def wait(self):
+            return self.status
+
+    monkeypatch.setattr(run_grid.subprocess, "Popen", FakeProcess)
+    monkeypatch.setattr(run_grid.os, "cpu_count", lambda: 2)
+    status = run_grid.main(["--jobs", "2", "--experiments", "a,b", "--log-dir", str(tmp_path), "--", "seed=1,2"])
+    assert status == 3
+    assert [(c[3], threads) for c, threads in launched] == [("experiment=a", "1"), ("experiment=b", "1")]
+    sweep_dirs = [next(arg for arg in c if arg.startswith("hydra.sweep.dir=")) for c, _ in launched]
+    assert len(set(sweep_dirs)) == 2 and all("seed=1,2" in c for c, _ in launched)
+
+
+def test_a_finished_run_of_other_settings_is_refused_not_reused(tmp_path):
+    """The same run name after a preset change (another lr): reusing the old result would put the old preset's
+    number into the new table. Where files live or how a run reports does not count as another setting."""
+    import json
+
+    from tsft.errors import InputError
+
+    cfg = cfg_for(tmp_path)
+    cfg.task.lr = 1e-3
+    run_dir = paths.create_run_dir(paths.task_runs_dir(cfg.paths, cfg.task.name), cfg.run_name)
+    (run_dir / paths.RESULT_FILENAME).write_text(json.dumps({"config": OmegaConf.to_container(cfg)}))
+    moved = OmegaConf.merge(cfg, {"paths": {"data_dir": "/elsewhere"}, "skip_existing": True})
+    moved.paths.results_dir = cfg.paths.results_dir
+    assert finished_result(moved) == run_dir / paths.RESULT_FILENAME
+    cfg.task.lr = 2e-3
+    with pytest.raises(InputError, match=r"task.lr was 0.001, now 0.002"):
+        finished_result(cfg)

@@ -25,6 +25,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from tsft import paths
+from tsft.analysis.selection import apply_selection
 from tsft.config import method_name, run_base_name, validate
 from tsft.data.csr import TEST_SETS, CSRDataModule
 from tsft.data.glue import GlueDataModule
@@ -125,6 +126,7 @@ def run(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
     """Train and evaluate ``cfg``; return the run directory and the result written there."""
     validate(cfg)
     paths.task_runs_dir(cfg.paths, cfg.task.name)  # refuses a task name leading out of results_dir, before loading
+    selection = apply_selection(cfg)  # a module subset or halved ranks (Table 4); None for an ordinary run
     if cfg.get("skip_existing") and (finished := finished_result(cfg)) is not None:
         log.info("skipping: %s is a finished run of this configuration", finished.parent)
         return finished.parent, json.loads(finished.read_text())
@@ -143,15 +145,23 @@ def run(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
 
     run_dir = shared_run_dir(cfg, ckpt_path)
     try:
-        result = fit_and_evaluate(cfg, family, module, datamodule, run_dir, ckpt_path)
+        extras = {"selection": selection} if selection is not None else {}
+        result = fit_and_evaluate(cfg, family, module, datamodule, run_dir, ckpt_path, extras)
     finally:
         os.environ.pop(RUN_DIR_ENV, None)  # the next run of a sweep gets its own directory
     return run_dir, result
 
 
 def fit_and_evaluate(
-    cfg: DictConfig, family: TaskFamily, module: PeftModule, datamodule: Any, run_dir: Path, ckpt_path: str | None
+    cfg: DictConfig,
+    family: TaskFamily,
+    module: PeftModule,
+    datamodule: Any,
+    run_dir: Path,
+    ckpt_path: str | None,
+    extras: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """Fit, evaluate, write result.json (``extras``: more fields for it, e.g. the module selection)."""
     trainer = L.Trainer(
         **OmegaConf.to_container(cfg.trainer, resolve=True),
         logger=build_loggers(cfg, run_dir),
@@ -174,9 +184,11 @@ def fit_and_evaluate(
         score=family.score(cfg, metrics),
         sparsity=getattr(module, "sparsity_report", None),  # set by TokenGateCallback
         scale=run_scale(cfg, trainer, datamodule),
+        trainable_params=trainable_params(module.model),
         wall_time_s=time.monotonic() - started,
         **family.result_extras(cfg, datamodule),
         **getattr(module, "eval_extras", {}),  # CSR: share of answers that parse, per test set
+        **(extras or {}),
     )
     if trainer.is_global_zero:
         write_result(run_dir / paths.RESULT_FILENAME, result)
@@ -292,3 +304,14 @@ def run_scale(cfg: DictConfig, trainer: L.Trainer, datamodule: Any) -> dict[str,
         "max_length": cfg.task.max_length,
         "eval_examples": datamodule.num_eval_examples,
     }
+
+
+def trainable_params(model: nn.Module) -> dict[str, int]:
+    """Trainable weights: all of them, and those of the PEFT layers alone (without the heads trained in
+    full, peft's modules_to_save), the budget Table 4's selections are compared at."""
+    total = peft = 0
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            total += parameter.numel()
+            peft += 0 if "modules_to_save" in name else parameter.numel()
+    return {"total": total, "peft": peft}

@@ -206,3 +206,31 @@ def test_training_entry_point_equals_the_public_apply():
 
 def _any_gateable():
     return get_peft_model(OneLinear(), LoraConfig(r=1, target_modules=["proj"]))
+
+
+@pytest.mark.parametrize("grad", [False, True])  # gated_forward, and the differentiable evaluation pass
+def test_evaluation_records_the_update_norms_of_real_tokens(grad):
+    """Table 4's norm criteria by hand: ||delta|| = (1, 0.1, 0.5), r = (1, 0.0995, 0.7071). With token 2 as
+    padding: mean r = (1 + 0.7071) / 2, mean ||delta|| = 0.75; training passes record no norms."""
+    pm, gate = hand_model(tau=0.5)
+    backward_once(pm)
+    assert gate.mean_norms("train") == (None, None)
+    pm.eval()
+    inputs = TOKENS.clone().requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
+        pm(inputs, attention_mask=torch.tensor([[1, 0, 1]]))
+    ratio, norm = gate.mean_norms("eval")
+    assert ratio == pytest.approx((1 + 0.5 / math.sqrt(0.5)) / 2, rel=1e-6)
+    assert norm == pytest.approx(0.75, rel=1e-6)
+    module = sparsity_report([gate], split="eval")["modules"][0]
+    assert module["mean_relative_norm"] == pytest.approx(ratio) and module["mean_norm"] == pytest.approx(norm)
+    gate.reset_stats("eval")
+    assert gate.mean_norms("eval") == (None, None)
+
+
+def test_summary_names_the_trainable_weights_of_each_gated_module():
+    """LoRA r = 1 on a 2 -> 2 layer: A (1 x 2) and B (2 x 1) are the module's 4 trainable weights."""
+    from tsft.gate import sparsity_summary
+
+    _, gate = hand_model(tau=0.5)
+    assert sparsity_summary([gate])["modules"][0]["trainable_params"] == 4

@@ -184,3 +184,56 @@ def test_export_and_load_reproduce_predictions(kind, tmp_path):
     assert [float(g.tau) for g in find_token_gates(loaded)] == [float(g.tau) for g in gates]
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), expected)
+
+
+class LossRecording(LitRegression):
+    def __init__(self, model):
+        super().__init__(model)
+        self.losses = []
+
+    def training_step(self, batch, _):
+        loss = super().training_step(batch, _)
+        self.losses.append(float(loss))  # as training_step returns it, before Lightning divides it for accumulation
+        return loss
+
+
+class StepTaus(pl.Callback):
+    """Every gate's tau after each optimizer step, taken independently of the trace."""
+
+    def __init__(self, gates):
+        self.gates, self.taus, self._micro = gates, [], 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._micro += 1
+        if self._micro % trainer.accumulate_grad_batches == 0:
+            self.taus.append([float(g.tau) for g in self.gates])
+
+
+def test_lightning_traces_loss_and_every_tau_per_optimizer_step(tmp_path):
+    """trace_tau: one row per optimizer step (3 steps of 2 micro-batches), tau as after that step, and the
+    step's loss as the mean of its micro-batches' losses (Figure 3's two curves)."""
+    import csv
+
+    model = peft_model("lora")
+    gates = add_token_gates(model, CONFIG)
+    watcher = StepTaus(gates)
+    trainer = lightning_trainer(tmp_path, max_steps=3, accumulate_grad_batches=2)
+    trainer.callbacks[:] = [TokenGateCallback({"lambda": CONFIG.lam, "s": CONFIG.s, "trace_tau": True}), watcher]
+    lit = LossRecording(model)
+    trainer.fit(lit, DataLoader(Regression(), batch_size=2))
+    step_means = [(a + b) / 2 for a, b in zip(lit.losses[::2], lit.losses[1::2])]
+    with open(tmp_path / TokenGateCallback.TRACE_FILENAME) as trace_file:
+        rows = list(csv.reader(trace_file))
+    assert rows[0] == ["step", "loss", *(g.name for g in gates)]
+    assert [int(r[0]) for r in rows[1:]] == [1, 2, 3]
+    traced = [float(v) for r in rows[1:] for v in r[2:]]
+    assert traced == pytest.approx([tau for step in watcher.taus for tau in step], rel=1e-5)
+    assert [float(r[1]) for r in rows[1:]] == pytest.approx(step_means, rel=1e-5)
+    assert len({tuple(r[2:]) for r in rows[1:]}) == 3  # tau moved at every step
+
+
+def test_no_trace_is_written_unless_asked(tmp_path):
+    model = peft_model("lora")
+    add_token_gates(model, CONFIG)
+    lightning_trainer(tmp_path, max_steps=2).fit(LitRegression(model), DataLoader(Regression(), batch_size=2))
+    assert not (tmp_path / TokenGateCallback.TRACE_FILENAME).exists()

@@ -136,10 +136,11 @@ def test_cpp_and_python_evaluation_alike(kind, monkeypatch):
             gate.tau.fill_(0.04 if kind == "adalora" else 0.4)
         with torch.no_grad():
             outputs = [model(x, attention_mask=mask) for x, mask, _ in map(batch, range(3))]
-        results.append((outputs, [gate.counts("eval") for gate in gates]))
-    (cpp_out, cpp_counts), (py_out, py_counts) = results
+        results.append((outputs, [gate.counts("eval") for gate in gates], [gate.mean_norms("eval") for gate in gates]))
+    (cpp_out, cpp_counts, cpp_norms), (py_out, py_counts, py_norms) = results
     assert all(torch.equal(a, b) for a, b in zip(cpp_out, py_out))
     assert cpp_counts == py_counts and any(0 < on < tokens for on, tokens in cpp_counts), cpp_counts
+    assert cpp_norms == py_norms and all(ratio > 0 and norm > 0 for ratio, norm in cpp_norms), cpp_norms
 
 
 def test_copies_of_a_model_carry_its_queued_records():

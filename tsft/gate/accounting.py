@@ -31,15 +31,17 @@ SPLITS = ("train", "eval")
 
 
 class Record(NamedTuple):
-    """One pass through a gate: ``mu`` per token (backward only), the gate ``S``, the real-token mask."""
+    """One pass through a gate: ``mu`` per token (backward only), the gate ``S``, the real-token mask, and
+    (evaluation only) each token's relative and absolute update norm."""
 
     mu: Optional[torch.Tensor]  # token-shaped
     on: torch.Tensor  # S as 0 / 1 in the layer's dtype, token-shaped with a trailing 1 (as the gate multiplies)
     real: Optional[torch.Tensor]  # bool, token-shaped; None when every position is a real token
+    norms: Optional[torch.Tensor] = None  # (..., 2): r_i = ||delta_i|| / ||base_i|| and ||delta_i||, float32+
 
 
 class AccountingTable:
-    """g and (gated-on, real) token counts of several gates, one row per gate, in float64.
+    """g, (gated-on, real) token counts and update-norm sums of several gates, one row per gate, in float64.
 
     g (Eq. 15) is kept as its two terms, because they scale differently: ``grad`` holds the loss term
     sum_i 1[1(mu_i >= 0) = S_i] mu_i, which is a derivative of the loss and so carries whatever the loss
@@ -53,10 +55,21 @@ class AccountingTable:
             self.grad = torch.zeros(size, dtype=torch.float64, device=device)
             self.penalty = torch.zeros(size, dtype=torch.float64, device=device)
             self.counts = {split: torch.zeros(size, 2, dtype=torch.float64, device=device) for split in SPLITS}
+            # sum of r_i, sum of ||delta_i||, and the real tokens they were summed over (passes that recorded norms)
+            self.norm_sums = {split: torch.zeros(size, 3, dtype=torch.float64, device=device) for split in SPLITS}
 
-    def add(self, split: str, accounts: list["GateAccounting"], g: Optional["GradTerms"], active, tokens) -> None:
+    def add(
+        self,
+        split: str,
+        accounts: list["GateAccounting"],
+        g: Optional["GradTerms"],
+        active,
+        tokens,
+        norm_sums: Optional[torch.Tensor] = None,
+    ) -> None:
         """Add the sums of ``accounts`` to their rows: ``g`` (None for eval passes) holds float64 vectors over
-        ``accounts``, as does ``active``; ``tokens`` is one too, or a single count for all of them."""
+        ``accounts``, as does ``active``; ``tokens`` is one too, or a single count for all of them;
+        ``norm_sums`` (passes that recorded norms) is a float64 (accounts, 3) matrix."""
         counts = self.counts[split]
         if len(accounts) == len(self.grad) and all(account.index == i for i, account in enumerate(accounts)):
             # every row once, in order (the threshold step's case): plain vector adds, no index tensor
@@ -65,6 +78,8 @@ class AccountingTable:
             if g is not None:
                 self.grad += g.loss
                 self.penalty += g.penalty
+            if norm_sums is not None:
+                self.norm_sums[split] += norm_sums
             return
         # repeats (micro-batches of one gate) must add up: index_add_ does, += on an index does not
         rows = torch.tensor([account.index for account in accounts], device=self.grad.device)
@@ -73,6 +88,8 @@ class AccountingTable:
         if g is not None:
             self.grad.index_add_(0, rows, g.loss)
             self.penalty.index_add_(0, rows, g.penalty)
+        if norm_sums is not None:
+            self.norm_sums[split].index_add_(0, rows, norm_sums)
 
     def zero_grad(self, rows: Optional[list[int]] = None) -> None:
         """Both terms of g back to zero, for every row or the given ones."""
@@ -87,6 +104,7 @@ class AccountingTable:
             self.grad = self.grad.to(device)
             self.penalty = self.penalty.to(device)
             self.counts = {split: counts.to(device) for split, counts in self.counts.items()}
+            self.norm_sums = {split: sums.to(device) for split, sums in self.norm_sums.items()}
 
 
 class GradTerms(NamedTuple):
@@ -142,9 +160,17 @@ class GateAccounting:
         active, tokens = self.table.counts[split][self.index].tolist()
         return int(active), int(tokens)
 
+    def mean_norms(self, split: str) -> tuple[Optional[float], Optional[float]]:
+        """(mean r_i, mean ||delta_i||) over the real tokens of the passes that recorded norms; None before any."""
+        if self.table is None:
+            return None, None
+        ratio, norm, tokens = self.table.norm_sums[split][self.index].tolist()
+        return (None, None) if tokens == 0 else (ratio / tokens, norm / tokens)
+
     def reset_counts(self, split: str) -> None:
         if self.table is not None:
             self.table.counts[split][self.index].zero_()
+            self.table.norm_sums[split][self.index].zero_()
 
 
 def share_table(gates: Iterable["TokenGate"], device: torch.device) -> AccountingTable:
@@ -160,6 +186,7 @@ def share_table(gates: Iterable["TokenGate"], device: torch.device) -> Accountin
             table.penalty[index] = old.penalty[account.index]
             for split in SPLITS:
                 table.counts[split][index] = old.counts[split][account.index]
+                table.norm_sums[split][index] = old.norm_sums[split][account.index]
         account.table, account.index = table, index
     return table
 
@@ -178,20 +205,31 @@ def reduce_pending(gates: Iterable["TokenGate"]) -> None:
                 mu_dtype = None if record.mu is None else record.mu.dtype
                 # stacked by group: the same token shape (not just count: micro-batches of 2 x 6 and 3 x 4
                 # tokens do not stack), device and dtypes
-                key = (split, record.on.shape, record.on.device, record.on.dtype, mu_dtype, record.real is None)
+                key = (
+                    split,
+                    record.on.shape,
+                    record.on.device,
+                    record.on.dtype,
+                    mu_dtype,
+                    record.real is None,
+                    record.norms is None,
+                )
                 groups.setdefault(key, []).append((gate, record))
             pending.clear()
     for (split, *_), entries in groups.items():
         accounts = [gate.accounting for gate, _ in entries]
-        g, active, tokens = _stats([record for _, record in entries], [gate.config.lam for gate, _ in entries])
+        records = [record for _, record in entries]
+        g, active, tokens = _stats(records, [gate.config.lam for gate, _ in entries])
+        norm_sums = _norm_sums(records, tokens)
         for table, (positions, _) in _by_table(accounts, active.device).items():
             if len(positions) == len(accounts):
-                table.add(split, accounts, g, active, tokens)
+                table.add(split, accounts, g, active, tokens, norm_sums)
             else:  # the group spans the tables of several threshold optimizers: each takes its part
                 part = torch.tensor(positions, device=active.device)
                 g_part = None if g is None else GradTerms(g.loss[part], g.penalty[part])
                 tokens_part = _per_row(tokens, len(accounts), active.device)[part]
-                table.add(split, [accounts[i] for i in positions], g_part, active[part], tokens_part)
+                norms_part = None if norm_sums is None else norm_sums[part]
+                table.add(split, [accounts[i] for i in positions], g_part, active[part], tokens_part, norms_part)
         if split == "train":
             for account in accounts:
                 account.has_grad = True
@@ -260,6 +298,20 @@ def _stats(
     else:
         penalty = active * torch.tensor(lam, dtype=torch.float64, device=active.device)
     return GradTerms(loss_term, penalty), active, tokens
+
+
+def _norm_sums(records: list[Record], tokens: Union[int, torch.Tensor]) -> Optional[torch.Tensor]:
+    """(records, 3) float64: sum of r_i and of ||delta_i|| over real tokens, and the real-token count; None when
+    the records carry no norms (training passes). The records of a group all carry them or none do."""
+    if records[0].norms is None:
+        return None
+    n = len(records)
+    norms = torch.stack([record.norms for record in records]).view(n, -1, 2).to(torch.float64)
+    if records[0].real is not None:
+        real = torch.stack([record.real for record in records]).view(n, -1, 1)
+        norms = norms * real
+    sums = norms.sum(1)
+    return torch.cat((sums, _per_row(tokens, n, sums.device).unsqueeze(1)), dim=1)
 
 
 def _per_row(value: Union[int, torch.Tensor], n: int, device: torch.device) -> torch.Tensor:

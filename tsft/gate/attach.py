@@ -33,7 +33,11 @@ def add_token_gates(model: nn.Module, config: Union[GateConfig, Mapping[str, Any
             continue
         _check_gateable(name, module)
         module.__class__ = gated_class
+        # the host's own trainable weights (its PEFT branch; the frozen base layer is not counted), counted
+        # before the gate is added: Table 4 weighs module selections by parameters
+        trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
         module.token_gate = TokenGate(name, config, context).to(_device_of(module))
+        module.token_gate.trainable_params = trainable
         gates.append(module.token_gate)
     if not gates:
         raise ValueError(

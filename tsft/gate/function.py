@@ -163,18 +163,47 @@ def apply_gated_update(base, u, B, scale, k, bias, tau, real, gate_module: "Toke
     return compiled.gated_update(base, u, B, number, tensor, k, bias, tau, real, eps, accounting.queue)
 
 
-def gated_forward(base, u, B, scale, k, bias, tau, ratio_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(base + S * delta, S)`` outside autograd (evaluation, generation), by the C++ build when it is available:
-    at one token per sequence, as in generation, the Python around the gate's operations is most of its cost."""
+def update_mask_and_norms(
+    base: torch.Tensor,
+    u: torch.Tensor,
+    B: torch.Tensor,
+    k: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    tau: torch.Tensor,
+    ratio_eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``update_and_mask`` for evaluation, which also returns each token's ``(r_i, ||delta_i||)`` as a
+    ``(..., 2)`` float32 (or wider) tensor: the relative and absolute update norms that Table 4's norm
+    criteria rank modules by. Not used in training, so the training step keeps its in-place ratio."""
+    delta = F.linear(u, B)
+    if delta.dtype != base.dtype:
+        delta = delta.to(base.dtype)
+    if k is not None:
+        frozen = base - bias if bias is not None else base
+        delta.addcmul_(frozen, k.to(base.dtype))
+    norm_dtype = torch.promote_types(base.dtype, torch.float32)
+    delta_norm = torch.linalg.vector_norm(delta, dim=-1, keepdim=True, dtype=norm_dtype)
+    base_norm = torch.linalg.vector_norm(base, dim=-1, keepdim=True, dtype=norm_dtype)
+    ratio = delta_norm / base_norm.clamp_min_(ratio_eps)
+    on = ratio.ge(tau)
+    return delta, on if on.dtype == base.dtype else on.to(base.dtype), torch.cat((ratio, delta_norm), dim=-1)
+
+
+def gated_forward(base, u, B, scale, k, bias, tau, ratio_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(base + S * delta, S, norms)`` outside autograd (evaluation, generation), by the C++ build when it is
+    available: at one token per sequence, as in generation, the Python around the gate's operations is most of
+    its cost. ``norms`` holds ``(r_i, ||delta_i||)`` per token (``update_mask_and_norms``)."""
     compiled = None if _transforms_or_compiling() else native.module()
     if compiled is None:
-        delta, on = update_and_mask(base, u, scaled(B, scale), k, bias, tau, ratio_eps)
-        return gated_sum(base, on, delta), on
+        delta, on, norms = update_mask_and_norms(base, u, scaled(B, scale), k, bias, tau, ratio_eps)
+        return gated_sum(base, on, delta), on, norms
     return compiled.gated_forward(base, u, B, *_number_or_tensor(scale), k, bias, tau, ratio_eps)
 
 
-def differentiable_eval_forward(base, u, B, scale, k, bias, tau, ratio_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(base + S * delta, S)`` in eval mode with autograd on (saliency, attribution, adversarial evaluation):
+def differentiable_eval_forward(
+    base, u, B, scale, k, bias, tau, ratio_eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(base + S * delta, S, norms)`` in eval mode with autograd on (saliency, attribution, adversarial evaluation):
     the same S as ``gated_forward``, differentiable in the input and the PEFT weights by plain autograd.
 
     S is held fixed (it is a step function: its derivative is zero almost everywhere) and tau gets
@@ -182,14 +211,14 @@ def differentiable_eval_forward(base, u, B, scale, k, bias, tau, ratio_eps: floa
     move the threshold. Not a hot path, so it is written for clarity rather than speed."""
     scaled_B = scaled(B, scale)
     with torch.no_grad():
-        _, on = update_and_mask(base, u, scaled_B, k, bias, tau, ratio_eps)
+        _, on, norms = update_mask_and_norms(base, u, scaled_B, k, bias, tau, ratio_eps)
     delta = F.linear(u, scaled_B)
     if delta.dtype != base.dtype:
         delta = delta.to(base.dtype)
     if k is not None:
         frozen = base - bias if bias is not None else base
         delta = delta + frozen * k.to(base.dtype)
-    return torch.addcmul(base, on, delta), on
+    return torch.addcmul(base, on, delta), on, norms
 
 
 def _transforms_or_compiling() -> bool:

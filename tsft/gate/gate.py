@@ -49,6 +49,7 @@ class TokenGate(nn.Module):
         for buffer in self.STATE:
             self.register_buffer(buffer, torch.zeros((), dtype=torch.float32))
         self.accounting = GateAccounting()
+        self.trainable_params: Optional[int] = None  # the host PEFT layer's trainable weights (add_token_gates)
         self.register_state_dict_post_hook(TokenGate._own_state_copies)
 
     # ---------------------------------------------------------------- forward
@@ -67,8 +68,8 @@ class TokenGate(nn.Module):
         if not self.training:
             # model.eval() is evaluation in any grad mode: the eval split counts the pass, tau gets no gradient.
             forward = differentiable_eval_forward if differentiable else gated_forward
-            out, on = forward(base, u, B, scale, k, bias, self.tau, self.config.ratio_eps)
-            self._record("eval", None, on, real)
+            out, on, norms = forward(base, u, B, scale, k, bias, self.tau, self.config.ratio_eps)
+            self._record("eval", None, on, real, norms)
             return out
         if differentiable:
             # Training: statistics and g are recorded in backward, which runs once per micro-batch
@@ -80,7 +81,7 @@ class TokenGate(nn.Module):
             return apply_gated_update(base, u, B, scale, k, bias, self.tau, real, self)
         # Train mode without autograd records nothing, on purpose: that pass is reentrant gradient
         # checkpointing's first forward, whose tokens backward counts again (docs/gate.md, "What a pass records").
-        out, _ = gated_forward(base, u, B, scale, k, bias, self.tau, self.config.ratio_eps)
+        out, _, _ = gated_forward(base, u, B, scale, k, bias, self.tau, self.config.ratio_eps)
         return out
 
     def _real_tokens(self, base: torch.Tensor) -> Optional[torch.Tensor]:
@@ -135,9 +136,16 @@ class TokenGate(nn.Module):
         """Queue one backward pass's share of Eq. 15 and its token counts (called from backward)."""
         self._record("train", mu, on, real)
 
-    def _record(self, split: str, mu: Optional[torch.Tensor], on: torch.Tensor, real: Optional[torch.Tensor]) -> None:
+    def _record(
+        self,
+        split: str,
+        mu: Optional[torch.Tensor],
+        on: torch.Tensor,
+        real: Optional[torch.Tensor],
+        norms: Optional[torch.Tensor] = None,
+    ) -> None:
         pending = self.accounting.pending[split]
-        pending.append(Record(mu, on, real))
+        pending.append(Record(mu, on, real, norms))
         if len(pending) >= self.MAX_PENDING:
             reduce_pending([self])
 
@@ -156,6 +164,12 @@ class TokenGate(nn.Module):
         """(gated-on real tokens, real tokens) counted since the last reset of ``split``."""
         reduce_pending([self])
         return self.accounting.counts(split)
+
+    def mean_norms(self, split: str = "eval") -> tuple[Optional[float], Optional[float]]:
+        """Mean ``||delta_i|| / ||base_i||`` and mean ``||delta_i||`` over the real tokens of the passes that
+        recorded them since the last reset (evaluation passes do; training passes do not)."""
+        reduce_pending([self])
+        return self.accounting.mean_norms(split)
 
     def sparsity(self, split: str = "train") -> Optional[float]:
         """Eq. 21 over the real tokens seen since the last reset: the share left un-updated."""

@@ -83,6 +83,10 @@ class ThresholdOptimizer:
             )
         self.zero_grad()
 
+    def taus(self) -> torch.Tensor:
+        """Every gate's tau as one vector (a copy), in gate order: one small copy, cheap to take every step."""
+        return self._linked_state()[0].clone()
+
     def zero_grad(self) -> None:
         zero_grads(self.gates)
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import csv
+from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 import lightning.pytorch as pl
+import torch
 
 from tsft.gate.attach import find_token_gates
 from tsft.gate.config import GateConfig
@@ -20,13 +23,29 @@ class TokenGateCallback(pl.Callback):
     g summed over the window (and over DDP ranks, inside ``ThresholdOptimizer.step``).
     Train statistics cover the current training epoch; eval statistics the latest validation or
     test loop. After each loop ``pl_module.sparsity_report`` holds ``sparsity_summary(gates)``.
+
+    ``trace_path`` (or ``trace_tau: true`` in a config mapping, written to ``<default_root_dir>/tau_trace.csv``):
+    every optimizer step's training loss and every gate's tau after the step, one row per step (Figure 3).
+    Each step only copies the tau vector and the loss, both already on the device; they are read back once,
+    when training ends.
     """
 
-    def __init__(self, config: Union[GateConfig, Mapping[str, Any], None] = None, log_modules: bool = True) -> None:
+    TRACE_FILENAME = "tau_trace.csv"
+
+    def __init__(
+        self,
+        config: Union[GateConfig, Mapping[str, Any], None] = None,
+        log_modules: bool = True,
+        trace_path: Optional[Union[str, Path]] = None,
+    ) -> None:
         super().__init__()
+        self.trace = bool(trace_path) or (isinstance(config, Mapping) and bool(config.get("trace_tau", False)))
+        self.trace_path = Path(trace_path) if trace_path else None
         self.config = GateConfig.from_mapping(config) if isinstance(config, Mapping) else config
         self.log_modules = log_modules
         self.thresholds: Optional[ThresholdOptimizer] = None
+        self._trace_rows: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (step, loss, taus)
+        self._step_loss: Optional[torch.Tensor] = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         gates = find_token_gates(pl_module)
@@ -41,6 +60,24 @@ class TokenGateCallback(pl.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         self.thresholds.step(*loss_scale_of_step(getattr(trainer.precision_plugin, "scaler", None), optimizer))
+        if self.trace:
+            # the step's number once taken (global_step counts it after this hook), its loss, tau after it
+            loss = self._step_loss if self._step_loss is not None else torch.tensor(float("nan"))
+            self._trace_rows.append((trainer.global_step + 1, loss, self.thresholds.taus()))
+            self._step_loss = None
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        if self.trace:
+            # Lightning divides each micro-batch's loss by accumulate_grad_batches before backward, so their
+            # sum over the window is the step's mean loss
+            loss = loss.detach()
+            self._step_loss = loss.clone() if self._step_loss is None else self._step_loss + loss
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if not self.trace or not self._trace_rows or not trainer.is_global_zero:
+            return
+        path = self.trace_path or Path(trainer.default_root_dir) / self.TRACE_FILENAME
+        write_tau_trace(path, [gate.name for gate in self.thresholds.gates], self._trace_rows)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         # Reading counts synchronises with the device: do it only when Lightning logs anyway.
@@ -84,6 +121,19 @@ class TokenGateCallback(pl.Callback):
                 if module[key] is not None:
                     pl_module.log(f"sparsity_{prefix}/{module['name']}", module[key])
                 pl_module.log(f"tau/{module['name']}", module["tau"])
+
+
+def write_tau_trace(path: Path, names: list[str], rows: list[tuple[int, torch.Tensor, torch.Tensor]]) -> None:
+    """``step, loss, <gate name>...`` per optimizer step: the step's mean training loss, tau after the step."""
+    steps = [step for step, _, _ in rows]
+    losses = torch.stack([loss.reshape(()).float().cpu() for _, loss, _ in rows]).tolist()
+    taus = torch.stack([tau.float().cpu() for _, _, tau in rows]).tolist()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(["step", "loss", *names])
+        for step, loss, row in zip(steps, losses, taus):
+            writer.writerow([step, f"{loss:.6g}", *(f"{tau:.6g}" for tau in row)])
 
 
 def loss_scale_of_step(scaler, optimizer) -> tuple[float, bool]:

@@ -145,12 +145,23 @@ static at::Tensor gated_update(at::Tensor base, at::Tensor u, at::Tensor B, doub
 }
 
 // Evaluation and generation (no autograd): the output and S, which the gate counts in Python.
-static std::tuple<at::Tensor, at::Tensor> gated_forward(at::Tensor base, at::Tensor u, at::Tensor B, double scale,
-                                                        std::optional<at::Tensor> scale_t,
-                                                        std::optional<at::Tensor> k, std::optional<at::Tensor> bias,
-                                                        at::Tensor tau, double ratio_eps) {
-  auto [delta, on] = update_and_mask(base, u, scaled(B, scale, scale_t), k, bias, tau, ratio_eps);
-  return {at::addcmul_out(delta, base, on, delta), on};
+// update_mask_and_norms of function.py: also each token's (r_i, ||delta_i||), which evaluation records.
+static std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_forward(at::Tensor base, at::Tensor u, at::Tensor B,
+                                                                    double scale, std::optional<at::Tensor> scale_t,
+                                                                    std::optional<at::Tensor> k,
+                                                                    std::optional<at::Tensor> bias, at::Tensor tau,
+                                                                    double ratio_eps) {
+  at::Tensor delta = to_dtype(at::linear(u, scaled(B, scale, scale_t)), base.scalar_type());
+  if (k) {
+    at::Tensor frozen = bias ? base - *bias : base;
+    delta.addcmul_(frozen, to_dtype(*k, base.scalar_type()));
+  }
+  auto norm_dtype = c10::promoteTypes(base.scalar_type(), at::kFloat);
+  at::Tensor delta_norm = at::linalg_vector_norm(delta, 2, at::IntArrayRef{-1}, true, norm_dtype);
+  at::Tensor base_norm = at::linalg_vector_norm(base, 2, at::IntArrayRef{-1}, true, norm_dtype);
+  at::Tensor ratio = delta_norm / base_norm.clamp_min_(ratio_eps);
+  at::Tensor on = to_dtype(ratio.ge(tau), base.scalar_type());
+  return {at::addcmul_out(delta, base, on, delta), on, at::cat({ratio, delta_norm}, -1)};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -161,5 +172,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gated_update", &gated_update,
         "GatedUpdate.apply(base, u, B, scale, k, bias, tau, real, gate) of function.py, with c split into a "
         "number and a tensor and the gate into its ratio_eps and record queue");
-  m.def("gated_forward", &gated_forward, "(base + S * delta, S) without autograd: the gate's evaluation pass");
+  m.def("gated_forward", &gated_forward,
+        "(base + S * delta, S, (r, ||delta||) per token) without autograd: the gate's evaluation pass");
 }

@@ -57,3 +57,5 @@ clean: ## remove outputs, run results and caches (keeps .venv and results/ table
 
 # The paper-table grids (make table3 / table1 / aggregate-*): see mk/tables.mk.
 -include mk/tables.mk
+# The analyses (make table4 / figure2 / figure3): see mk/analysis.mk.
+-include mk/analysis.mk

@@ -53,7 +53,7 @@ endef
 define tables_run_grid
 	status=0; \
 	$(PYTHON) scripts/run_grid.py --jobs $(JOBS) --log-dir multirun/grid-logs/$(1)-$(PRESET) \
-		--experiments '$(call tables_csv,$(addprefix $(1)_$(tables_exp_prefix),$(2)))' -- \
+		--deal 'experiment=$(call tables_csv,$(addprefix $(1)_$(tables_exp_prefix),$(2)))' -- \
 		$(3) 'seed=$(tables_seeds)' ++skip_existing=true || status=$$?; \
 	for table in $(1) $(4); do $(MAKE) --no-print-directory aggregate-$$table PRESET=$(PRESET) || status=$$?; done; \
 	exit $$status

@@ -88,7 +88,7 @@ def test_cpu_grid_command(tmp_path):
     done = make(tmp_path, "-n", "table3", "PRESET=cpu", "JOBS=2")
     command = next(line for line in done.stdout.splitlines() if "scripts/run_grid.py" in line)
     assert "--jobs 2" in command
-    experiments = re.search(r"--experiments '([^']+)'", command).group(1).split(",")
+    experiments = re.search(r"--deal 'experiment=([^']+)'", command).group(1).split(",")
     assert experiments == [
         f"table3_cpu_{m}" for m in ("lora", "ts_lora", "adalora", "ts_adalora", "adapter", "ts_adapter")
     ]
@@ -120,7 +120,7 @@ def test_run_grid_jobs_each_run_their_share_and_report_the_first_failure(tmp_pat
 
     monkeypatch.setattr(run_grid.subprocess, "Popen", FakeProcess)
     monkeypatch.setattr(run_grid.os, "cpu_count", lambda: 2)
-    status = run_grid.main(["--jobs", "2", "--experiments", "a,b", "--log-dir", str(tmp_path), "--", "seed=1,2"])
+    status = run_grid.main(["--jobs", "2", "--deal", "experiment=a,b", "--log-dir", str(tmp_path), "--", "seed=1,2"])
     assert status == 3
     assert [(c[3], threads) for c, threads in launched] == [("experiment=a", "1"), ("experiment=b", "1")]
     sweep_dirs = [next(arg for arg in c if arg.startswith("hydra.sweep.dir=")) for c, _ in launched]
@@ -138,8 +138,9 @@ def test_a_finished_run_of_other_settings_is_refused_not_reused(tmp_path):
     cfg.task.lr = 1e-3
     run_dir = paths.create_run_dir(paths.task_runs_dir(cfg.paths, cfg.task.name), cfg.run_name)
     (run_dir / paths.RESULT_FILENAME).write_text(json.dumps({"config": OmegaConf.to_container(cfg)}))
-    moved = OmegaConf.merge(cfg, {"paths": {"data_dir": "/elsewhere"}, "skip_existing": True})
+    moved = OmegaConf.merge(cfg, {"paths": {"data_dir": "/elsewhere"}, "skip_existing": True, "study": "table3"})
     moved.paths.results_dir = cfg.paths.results_dir
+    moved.task.new_key = 1  # a setting the finished run's version did not record
     assert finished_result(moved) == run_dir / paths.RESULT_FILENAME
     cfg.task.lr = 2e-3
     with pytest.raises(InputError, match=r"task.lr was 0.001, now 0.002"):

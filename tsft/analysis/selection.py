@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from tsft.errors import InputError
 
@@ -59,14 +59,36 @@ def selection_count(n: int, p: float) -> int:
     return max(1, min(n, math.floor(p * n + 0.5)))
 
 
-def read_source(source: str | Path, model: Optional[str] = None) -> list[ModuleStats]:
-    """The per-module statistics of a TS run: ``source`` is its result.json or its run directory; given
-    ``model``, the source must have trained that model (module names are the model's)."""
+def source_result(source: str, cfg: DictConfig) -> Path:
+    """result.json of ``selection.source``: a path (a run directory or its result.json), or the run name of a
+    finished run of this task under the results directory (what the analysis grids use: names are stable,
+    directories carry a timestamp)."""
     path = Path(source).expanduser()
     if path.is_dir():
         path = path / "result.json"
+    if path.is_file():
+        return path
+    if "/" not in source:
+        from tsft.report.grid import finished_result
+
+        found = finished_result(OmegaConf.merge(cfg, {"run_name": source}), check_config=False)
+        if found is not None:
+            return found
+        raise InputError(
+            f"selection.source '{source}' is no finished run of {cfg.task.name} under {cfg.paths.results_dir}: "
+            "train that TS run first (the make targets of the analyses do), or give its directory"
+        )
+    raise InputError(f"selection.source {source} is not a result.json or a run directory that has one")
+
+
+def read_source(path: str | Path, model: Optional[str] = None) -> list[ModuleStats]:
+    """The per-module statistics of a TS run from its result.json (or run directory); given ``model``, the
+    source must have trained that model (module names are the model's)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / "result.json"
     if not path.is_file():
-        raise InputError(f"selection.source {source} is not a result.json or a run directory that has one")
+        raise InputError(f"selection.source {path} is not a result.json or a run directory that has one")
     try:
         result = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -129,6 +151,8 @@ def apply_selection(cfg: DictConfig) -> Optional[dict[str, Any]]:
         return None
     if sel.rule not in RULES:
         raise InputError(f"selection.rule '{sel.rule}' is not one of {', '.join(RULES)}")
+    if sel.rule == "all":  # the full-module reference of an analysis grid: its targets as configured
+        return {"rule": "all", "p": 1.0, "source": None}
     record: dict[str, Any] = {"rule": sel.rule, "p": sel.p, "source": sel.source}
     if sel.rule == "half_rank":
         with open_dict(cfg):
@@ -140,8 +164,9 @@ def apply_selection(cfg: DictConfig) -> Optional[dict[str, Any]]:
         return record
     if not sel.source:
         raise InputError(f"selection.rule={sel.rule} needs a source run: selection.source=<TS run dir or result.json>")
-    kept = select_modules(read_source(sel.source, cfg.model.name), sel.rule, sel.p, sel.draw)
+    path = source_result(str(sel.source), cfg)
+    kept = select_modules(read_source(path, cfg.model.name), sel.rule, sel.p, sel.draw)
     with open_dict(cfg):
         cfg.peft.target_modules = [m.name for m in kept]
-    record.update(draw=sel.draw if sel.rule == "random" else None, modules=[m.name for m in kept])
+    record.update(source=str(path), draw=sel.draw if sel.rule == "random" else None, modules=[m.name for m in kept])
     return record

@@ -23,10 +23,11 @@ from tsft.errors import InputError
 _RUN_DIR_SUFFIX = re.compile(r"-\d{8}-\d{6}(-[0-9a-f]{4})?")
 
 
-def finished_result(cfg: DictConfig) -> Path | None:
+def finished_result(cfg: DictConfig, check_config: bool = True) -> Path | None:
     """result.json of a finished run with this cfg's task and run_name, or None.
 
     Without an explicit run_name there is no stable identity to match, so nothing is ever skipped.
+    ``check_config``: refuse (InputError) a finished run of that name whose settings differ from ``cfg``'s.
     """
     run_name = cfg.get("run_name")
     if not run_name:
@@ -39,18 +40,27 @@ def finished_result(cfg: DictConfig) -> Path | None:
         if run_dir.name.startswith(run_name) and _RUN_DIR_SUFFIX.fullmatch(suffix):
             result = run_dir / paths.RESULT_FILENAME
             if result.is_file():
-                _check_same_configuration(cfg, result)
+                if check_config:
+                    _check_same_configuration(cfg, result)
                 return result
     return None
 
 
-# Settings that do not change what a run computes: where files live, how it reports, whether it skips.
-NOT_PART_OF_A_RUN = ("paths", "skip_existing", "logger", "trainer.enable_progress_bar", "ckpt_path")
+def result_exists(cfg: DictConfig) -> bool:
+    return finished_result(cfg) is not None
+
+
+# The groups that decide what a run computes; the rest (paths, loggers, lookup tables such as table3.*,
+# the preset and study labels) may change without making a finished run another configuration.
+DEFINING_GROUPS = ("model", "peft", "task", "sparsity", "selection", "trainer", "optim", "seed")
+# ... and the keys inside them that only change how a run reports
+NOT_PART_OF_A_RUN = ("trainer.enable_progress_bar", "trainer.log_every_n_steps", "sparsity.trace_tau")
 
 
 def _check_same_configuration(cfg: DictConfig, result_path: Path) -> None:
     """A finished run is only reused for the configuration it ran: a grid whose settings changed since (a
-    new preset, another lr) must not pick up results of the old one under the same run name."""
+    new preset, another lr) must not pick up results of the old one under the same run name. Settings one
+    side did not record (a version before the key existed) are not compared."""
     try:
         stored = json.loads(result_path.read_text()).get("config")
     except (OSError, ValueError):
@@ -58,7 +68,7 @@ def _check_same_configuration(cfg: DictConfig, result_path: Path) -> None:
     if not isinstance(stored, dict):
         return  # a result without its config (written by hand or by an old version): nothing to compare
     current = OmegaConf.to_container(cfg, resolve=True)
-    differences = _differences(_without(stored), _without(current))
+    differences = _differences(_defining(stored), _defining(current))
     if differences:
         key, old, new = differences[0]
         more = f" (and {len(differences) - 1} more)" if len(differences) > 1 else ""
@@ -68,26 +78,20 @@ def _check_same_configuration(cfg: DictConfig, result_path: Path) -> None:
         )
 
 
-def _without(config: dict[str, Any]) -> dict[str, Any]:
-    config = json.loads(json.dumps(config))  # a deep copy
+def _defining(config: dict[str, Any]) -> dict[str, Any]:
+    kept = json.loads(json.dumps({key: config[key] for key in DEFINING_GROUPS if key in config}))  # a deep copy
     for dotted in NOT_PART_OF_A_RUN:
-        *parents, leaf = dotted.split(".")
-        node = config
-        for key in parents:
-            node = node.get(key, {}) if isinstance(node, dict) else {}
-        if isinstance(node, dict):
-            node.pop(leaf, None)
-    return config
+        group, _, leaf = dotted.partition(".")
+        if isinstance(kept.get(group), dict):
+            kept[group].pop(leaf, None)
+    return kept
 
 
 def _differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, old, new) of the leaves both sides hold and disagree on."""
     if isinstance(old, dict) and isinstance(new, dict):
         found = []
-        for key in sorted(set(old) | set(new), key=str):
-            found += _differences(old.get(key), new.get(key), f"{prefix}{key}.")
+        for key in sorted(set(old) & set(new), key=str):
+            found += _differences(old[key], new[key], f"{prefix}{key}.")
         return found
     return [] if old == new else [(prefix.rstrip("."), old, new)]
-
-
-def result_exists(cfg: DictConfig) -> bool:
-    return finished_result(cfg) is not None

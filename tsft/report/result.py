@@ -36,6 +36,7 @@ def make_result(
         "lambda": float(cfg.sparsity["lambda"]) if cfg.sparsity.enabled else None,
         "seed": cfg.seed,
         "preset": cfg.preset,
+        "study": cfg.get("study"),
         "run_name": run_name,
         "metrics": metrics,
         "score": score,

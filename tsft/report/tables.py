@@ -488,6 +488,11 @@ def _table5_grid(method, layers, means, pm, paper, n_runs) -> Grid:
 # ---------------------------------------------------------------- entry point
 
 
+def _study(table: str) -> str:
+    """The ``study`` label of the grid a table reads (configs/experiment/table{1,3}_common.yaml)."""
+    return "table3" if table == "table3" else "table1"
+
+
 def _family(table: str) -> str:
     return "glue" if table == "table3" else "csr"
 
@@ -501,7 +506,13 @@ def _scale_group(table: str) -> Callable[[dict[str, Any]], str]:
 
 def build_report(table: str, runs_dir: Path, preset: str) -> Report:
     all_runs, unreadable = load_runs(runs_dir)
-    runs = [r for r in all_runs if r.get("family") == _family(table) and r.get("preset") == preset]
+    runs = [
+        r
+        for r in all_runs
+        if r.get("family") == _family(table)
+        and r.get("preset") == preset
+        and r.get("study") in (None, _study(table))  # not the analyses' runs (module subsets, traced ablations)
+    ]
     header = provenance(runs, runs_dir, preset, unreadable) + scale_summary(runs, _scale_group(table))
     if table == "table1":
         evals = sorted({json.dumps(r.get("eval"), sort_keys=True) for r in runs})

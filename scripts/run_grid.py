@@ -5,10 +5,11 @@
 
 The values of the ``--deal`` override are dealt round-robin to ``--jobs`` processes, each
 ``train.py -m <key>=<its share> <overrides>`` with ``OMP_NUM_THREADS = cores / jobs``. On this project's
-2-core machine two one-thread runs side by side finish 1.3x the work of one two-thread run in the same time (small models do not keep
-two threads busy; docs/small-scale.md). Each process logs to ``<log dir>/job<i>.log``; the exit status
-is the first non-zero status of a job, after all have finished, so one failure does not hide behind a
-finished table. With ``--jobs 1`` it is one ``train.py -m`` in the foreground, as before.
+2-core machine two one-thread runs side by side finish 1.3x the work of one two-thread run in the same
+time (small models do not keep two threads busy; docs/small-scale.md). Each process logs to
+``<log dir>/job<i>.log``; the exit status is the first non-zero status of a job, after all have finished,
+so one failure does not hide behind a finished table. With ``--jobs 1`` it is one ``train.py -m`` in the
+foreground.
 """
 
 from __future__ import annotations

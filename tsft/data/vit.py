@@ -1,0 +1,132 @@
+"""Visual instruction tuning data in LLaVA's format: conversations, the vicuna_v1 prompt, the loss mask.
+
+An entry of ``llava_v1_5_mix665k.json`` (or of the 707-image caption subset here) is
+``{id, image?, conversations: [{from: human|gpt, value}, ...]}``. As LLaVA does, ``<image>`` is moved to the
+start of the first human turn (``"<image>\\n" + rest``) when the entry has an image; text-only entries have
+none. The conversation is rendered with LLaVA-1.5's vicuna_v1 template,
+
+    <system> USER: <image>\\n<question> ASSISTANT: <answer><eos>USER: ... ASSISTANT: ...<eos>
+
+(``<eos>`` is the tokenizer's end-of-sequence text, ``</s>`` for LLaVA's Vicuna), and only the assistant
+answers and their end-of-sequence tokens are in the loss. The mask is computed from character spans: the
+whole conversation is tokenized once (what the model sees) and a token is a label when its characters lie
+inside an answer. A token that straddles an answer's boundary would put prompt text into the loss or an
+answer's start out of it; LLaVA then silently masks the whole sample ("tokenization mismatch"), here it is
+an error that names the sample. ``<image>`` becomes ``image_seq_length`` image-token positions, never labels.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from tsft.errors import InputError
+
+IMAGE_TOKEN = "<image>"
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+ROLES = {"human": "USER", "gpt": "ASSISTANT"}
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Entry:
+    id: str
+    image: Optional[str]  # path relative to the image folder, or None (text-only)
+    turns: list[tuple[str, str]]  # (human|gpt, text), alternating, starting with human
+
+
+def read_entries(path: Path) -> list[Entry]:
+    """The entries of a LLaVA-format JSON file, checked: one line naming the file and entry on a bad one."""
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise InputError(f"{path} is not UTF-8 text; give a LLaVA-format JSON file") from None
+    except json.JSONDecodeError as error:
+        raise InputError(f"{path} is not valid JSON ({error.msg} at line {error.lineno})") from None
+    if not isinstance(raw, list):
+        raise InputError(f"{path} must hold a JSON list of {{id, image?, conversations}} entries")
+    return [_entry(item, path, index) for index, item in enumerate(raw)]
+
+
+def _entry(item: Any, path: Path, index: int) -> Entry:
+    where = f"{path} entry {index}"
+    if not isinstance(item, dict) or not isinstance(item.get("conversations"), list) or not item["conversations"]:
+        raise InputError(f"{where} needs a non-empty 'conversations' list")
+    turns = []
+    for number, turn in enumerate(item["conversations"]):
+        speaker = turn.get("from") if isinstance(turn, dict) else None
+        expected = "human" if number % 2 == 0 else "gpt"
+        if speaker != expected or not isinstance(turn.get("value"), str):
+            raise InputError(f"{where} turn {number} must be from '{expected}' with a text 'value' (turns alternate)")
+        turns.append((speaker, turn["value"]))
+    if turns[-1][0] != "gpt":
+        raise InputError(f"{where} ends with a human turn: a conversation ends with the assistant's answer")
+    image = item.get("image")
+    text = [value for _, value in turns]
+    if image is not None:
+        # LLaVA's preprocess_multimodal: the image token once, at the start of the first human turn
+        text = [value.replace(IMAGE_TOKEN, "").strip() for value in text]
+        text[0] = f"{IMAGE_TOKEN}\n{text[0]}"
+    elif any(IMAGE_TOKEN in value for value in text):
+        raise InputError(f"{where} has no image but its text holds {IMAGE_TOKEN}; add 'image' or remove the token")
+    return Entry(str(item.get("id", index)), image, [(s, v) for (s, _), v in zip(turns, text)])
+
+
+def render_vicuna(entry: Entry, eos: str, system: str = VICUNA_SYSTEM) -> tuple[str, list[tuple[int, int]]]:
+    """The conversation as vicuna_v1 text and the character spans that are in the loss (answers + eos)."""
+    text, spans = system + " ", []
+    for speaker, value in entry.turns:
+        if speaker == "human":
+            text += f"{ROLES['human']}: {value} {ROLES['gpt']}:"
+        else:
+            # the space after "ASSISTANT:" belongs to the answer: BPE and sentencepiece tokenizers both fold
+            # it into the answer's first token ("ĠYes", "▁Yes"), and generation continues "ASSISTANT:" with it
+            start = len(text)
+            text += f" {value}{eos}"
+            spans.append((start, len(text)))
+    return text, spans
+
+
+def prompt_of(question: str, has_image: bool, system: str = VICUNA_SYSTEM) -> str:
+    """The generation prompt of one question (evaluation): everything up to "ASSISTANT:"."""
+    question = f"{IMAGE_TOKEN}\n{question}" if has_image and IMAGE_TOKEN not in question else question
+    return f"{system} {ROLES['human']}: {question} {ROLES['gpt']}:"
+
+
+def tokenize_entry(
+    entry: Entry, tokenizer: Any, image_seq_length: int, max_length: Optional[int] = None
+) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of one entry: labels are the ids on answer tokens and -100 elsewhere; ``<image>``
+    expanded to ``image_seq_length`` image-token ids. Raises InputError on a token across an answer boundary."""
+    text, spans = render_vicuna(entry, tokenizer.eos_token)
+    encoded = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    ids, labels = [], []
+    for token_id, (start, end) in zip(encoded["input_ids"], encoded["offset_mapping"]):
+        inside = [s <= start and end <= e for s, e in spans]
+        touching = [start < e and end > s for s, e in spans]
+        if any(touching) and not any(inside):
+            raise InputError(
+                f"sample {entry.id}: token {tokenizer.convert_ids_to_tokens(token_id)!r} at characters "
+                f"{start}-{end} spans an answer's boundary, so the loss mask cannot follow the answer; "
+                "check the template's separators for this tokenizer"
+            )
+        if token_id == image_id:
+            ids += [image_id] * image_seq_length
+            labels += [IGNORE] * image_seq_length
+        else:
+            ids.append(token_id)
+            labels.append(token_id if any(inside) and end > start else IGNORE)
+    if max_length is not None and len(ids) > max_length:
+        if image_id in ids[max_length:] and image_id in ids[:max_length]:
+            raise InputError(
+                f"sample {entry.id}: task.max_length={max_length} cuts through its {image_seq_length} image tokens; "
+                "raise task.max_length"
+            )
+        ids, labels = ids[:max_length], labels[:max_length]
+    return ids, labels

@@ -44,3 +44,34 @@ def test_a_wrong_weight_set_is_refused():
     state = {"embeddings.cls_token": torch.zeros(1, 1, 384)}
     with pytest.raises(ValueError, match="do not fit"):
         dinov2.build(state)
+
+
+def test_the_composed_tiny_llava_keeps_smollm2_and_dinov2_exactly(onnx_file):
+    """Text-only logits equal SmolLM2's own (the language model and head carried over, <image> appended to the
+    vocabulary); the vision tower equals the converted DINOv2; an image becomes 256 positions."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Dinov2Model, LlavaForConditionalGeneration
+
+    from tsft import paths
+    from tsft.models import llava, smollm2
+
+    from .helpers import compose_config
+
+    cache = paths.cache_dir(compose_config([]).paths) / "models"
+    folder = cache / "llava-cpu"  # where model=llava-cpu keeps it; SmolLM2 and DINOv2 are its siblings
+    llava.prepare(folder, tokenizer_only=False)
+    model = LlavaForConditionalGeneration.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    text = AutoModelForCausalLM.from_pretrained(smollm2.prepare(cache / "smollm2-135m")).eval()
+    ids = tokenizer("USER: What is the capital of France? ASSISTANT:", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        ours = model(input_ids=ids).logits[..., : text.config.vocab_size]
+        theirs = text(input_ids=ids).logits
+    assert torch.equal(ours, theirs)
+    vision = Dinov2Model.from_pretrained(cache / "dinov2-s14")
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.model.vision_tower.state_dict().values(), vision.state_dict().values())
+    )
+    image_ids = torch.tensor([[tokenizer.bos_token_id or 0] + [model.config.image_token_id] * 256 + ids[0].tolist()])
+    with torch.no_grad():
+        out = model(input_ids=image_ids, pixel_values=torch.randn(1, 3, 224, 224))
+    assert out.logits.shape[:2] == image_ids.shape and model.config.image_seq_length == 256

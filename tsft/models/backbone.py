@@ -27,8 +27,14 @@ def _prepare_smollm2(folder: Path, tokenizer_only: bool) -> None:
     smollm2.prepare(folder, tokenizer_only)
 
 
+def _prepare_llava_cpu(folder: Path, tokenizer_only: bool) -> None:
+    from tsft.models import llava
+
+    llava.prepare(folder, tokenizer_only)
+
+
 # model.prepare -> fn(folder, tokenizer_only) that makes `folder` loadable; a no-op when it already is.
-PREPARERS = {"smollm2": _prepare_smollm2}
+PREPARERS = {"smollm2": _prepare_smollm2, "llava_cpu": _prepare_llava_cpu}
 
 
 def ensure_prepared(model_cfg: DictConfig, folder: str, tokenizer_only: bool) -> None:

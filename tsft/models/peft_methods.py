@@ -21,6 +21,19 @@ def resolve_target_modules(targets: Iterable[str], mapping: Mapping[str, str]) -
     return [mapping.get(t, t) for t in targets]
 
 
+def scoped_targets(model: nn.Module, suffixes: list[str], scope: str | None) -> list[str]:
+    """With ``model.target_scope`` (e.g. ``language_model`` for LLaVA), the full names of the modules that end
+    with a target suffix AND lie under that scope: a bare suffix list would also adapt the vision tower's
+    attention (CLIP's ``self_attn.q_proj``). Without a scope the suffixes are returned as they are."""
+    if not scope:
+        return suffixes
+    names = [n for n, _ in model.named_modules() if f".{scope}." in f".{n}."]
+    scoped = [n for n in names if any(n == t or n.endswith(f".{t}") for t in suffixes)]
+    if not scoped:
+        raise InputError(f"no target module ({', '.join(suffixes)}) lies under model.target_scope '{scope}'")
+    return scoped
+
+
 def check_targets_exist(model: nn.Module, module_names: list[str], model_cfg: DictConfig) -> None:
     """Fail before training if a target matches no module (peft would say so mid-construction)."""
     names = [n for n, _ in model.named_modules()]
@@ -42,6 +55,7 @@ def apply_peft(
     """
     targets = resolve_target_modules(peft_cfg.target_modules, model_cfg.targets)
     check_targets_exist(model, targets, model_cfg)
+    targets = scoped_targets(model, targets, model_cfg.get("target_scope"))
     head = list(model_cfg.head_modules)
     if peft_cfg.name in ("lora", "dora"):
         config = LoraConfig(

@@ -89,6 +89,13 @@ def md_rows(text):
     return rows
 
 
+@pytest.fixture(autouse=True)
+def five_cpu_columns(monkeypatch):
+    """The hand-computed cases here were written for five CPU columns (RTE included); the aggregator takes
+    whatever GLUE_TASKS["cpu"] lists, which the preset has since cut to four (no RTE)."""
+    monkeypatch.setitem(tables.GLUE_TASKS, "cpu", ["cola", "rte", "mrpc", "sst2", "stsb"])
+
+
 @pytest.fixture
 def cpu_grid(tmp_path):
     runs = tmp_path / "runs"

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import lightning as L
+
 from tsft.errors import InputError
 
 IMAGE_TOKEN = "<image>"
@@ -130,3 +132,150 @@ def tokenize_entry(
             )
         ids, labels = ids[:max_length], labels[:max_length]
     return ids, labels
+
+
+# ---------------------------------------------------------------- images and batches
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    """How images become pixel values: padded to a square with the mean colour (LLaVA's expand2square),
+    resized to ``size`` and normalised with ``mean`` / ``std`` (the vision tower's processor values)."""
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def load_image(path: Path, settings: ImageSettings):
+    import torch
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        width, height = image.size
+        side = max(width, height)
+        square = Image.new("RGB", (side, side), tuple(int(255 * m) for m in settings.mean))
+        square.paste(image, ((side - width) // 2, (side - height) // 2))
+        square = square.resize((settings.size, settings.size), Image.Resampling.BICUBIC)
+    pixels = torch.frombuffer(bytearray(square.tobytes()), dtype=torch.uint8).view(settings.size, settings.size, 3)
+    pixels = pixels.permute(2, 0, 1).float() / 255
+    mean, std = torch.tensor(settings.mean).view(3, 1, 1), torch.tensor(settings.std).view(3, 1, 1)
+    return (pixels - mean) / std
+
+
+def held_out(entries: list[Entry], share: float) -> tuple[list[Entry], list[Entry]]:
+    """(train, held-out): a fixed split by id (every entry whose position in id order is a multiple of
+    round(1 / share) is held out), the same on every machine and for every seed."""
+    if not 0 < share < 1:
+        raise InputError(f"task.eval_share must lie in (0, 1) (got {share}); e.g. task.eval_share=0.1")
+    step = max(2, round(1 / share))
+    ordered = sorted(entries, key=lambda e: e.id)
+    return [e for i, e in enumerate(ordered) if i % step], [e for i, e in enumerate(ordered) if not i % step]
+
+
+def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
+    """Right-padded ids, labels -100 on padding, the attention mask, and the images of the samples that have one."""
+    import torch
+
+    width = max(len(s["input_ids"]) for s in samples)
+    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(samples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(samples), width), dtype=torch.long)
+    for row, sample in enumerate(samples):
+        n = len(sample["input_ids"])
+        ids[row, :n] = torch.tensor(sample["input_ids"])
+        labels[row, :n] = torch.tensor(sample["labels"])
+        mask[row, :n] = 1
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    images = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
+    if images:
+        batch["pixel_values"] = torch.stack(images)
+    return batch
+
+
+class VitDataModule(L.LightningDataModule):
+    """Training and held-out conversations of one LLaVA-format file, their images under
+    ``<data_dir>/<task.image_folder>``, read lazily (a sample is tokenized and its image loaded when the loader
+    asks for it; every mask is checked once in ``setup``). Exposes ``num_train_examples`` / ``num_eval_examples``
+    as the pipeline expects."""
+
+    def __init__(self, task, tokenizer, paths_cfg, seed: int, image: ImageSettings, image_seq_length: int) -> None:
+        from tsft import paths
+
+        super().__init__()
+        self.task, self.tokenizer, self.seed = task, tokenizer, seed
+        self.image, self.image_seq_length = image, image_seq_length
+        self.data_dir = paths.resolve(paths_cfg.data_dir)
+        self.splits: dict[str, list[Entry]] = {}
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.splits:
+            return
+        path = self.data_dir / self.task.train_file
+        if not path.is_file():
+            raise InputError(f"no training file {path}; set task.train_file (relative to paths.data_dir)")
+        entries = read_entries(path)
+        missing = [
+            e.image for e in entries if e.image and not (self.data_dir / self.task.image_folder / e.image).is_file()
+        ]
+        if missing:
+            raise InputError(
+                f"{len(missing)} of {len(entries)} entries name images missing under "
+                f"{self.data_dir / self.task.image_folder} (e.g. {missing[0]}); fix task.image_folder"
+            )
+        train, held = held_out(entries, self.task.eval_share)
+        if self.task.train_limit:
+            train = train[: self.task.train_limit]
+        if self.task.eval_limit:
+            held = held[: self.task.eval_limit]
+        self.splits = {"train": train, "eval": held}
+        for entry in train + held:  # every mask is checked now, before any training
+            tokenize_entry(entry, self.tokenizer, self.image_seq_length, self.task.max_length)
+
+    @property
+    def num_train_examples(self) -> int:
+        return len(self.splits["train"])
+
+    @property
+    def num_eval_examples(self) -> int:
+        return len(self.splits["eval"])
+
+    def _sample(self, entry: Entry) -> dict[str, Any]:
+        ids, labels = tokenize_entry(entry, self.tokenizer, self.image_seq_length, self.task.max_length)
+        pixels = load_image(self.data_dir / self.task.image_folder / entry.image, self.image) if entry.image else None
+        return {"input_ids": ids, "labels": labels, "pixel_values": pixels}
+
+    def _loader(self, split: str, batch_size: int, shuffle: bool):
+        import torch
+        from torch.utils.data import DataLoader
+
+        samples = _Lazy(self.splits[split], self._sample)
+        generator = torch.Generator().manual_seed(self.seed)
+        pad = self.tokenizer.pad_token_id
+        return DataLoader(
+            samples,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=generator if shuffle else None,
+            collate_fn=lambda batch: collate(batch, pad),
+        )
+
+    def train_dataloader(self):
+        return self._loader("train", self.task.batch_size, shuffle=True)
+
+    def val_dataloader(self):
+        return self._loader("eval", self.task.eval_batch_size, shuffle=False)
+
+
+class _Lazy:
+    """A map-style dataset: ``make(entries[i])`` on access."""
+
+    def __init__(self, entries: list[Entry], make) -> None:
+        self.entries, self.make = entries, make
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.make(self.entries[index])

@@ -43,8 +43,9 @@ class PeftModule(L.LightningModule):
         return find_adalora(self.model)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=self.optim_cfg.lr, weight_decay=self.optim_cfg.weight_decay)
+        optimizer = torch.optim.AdamW(
+            self._param_groups(), lr=self.optim_cfg.lr, weight_decay=self.optim_cfg.weight_decay
+        )
         total_steps = int(self.trainer.estimated_stepping_batches)
         if self.adalora is not None:
             # The model was built with a planned step count; the Trainer's estimate is authoritative.
@@ -54,6 +55,17 @@ class PeftModule(L.LightningModule):
         warmup_steps = int(self.optim_cfg.warmup_ratio * total_steps)
         scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _param_groups(self) -> list[dict[str, Any]]:
+        """The trainable weights; with ``optim.head_lr`` the heads trained in full (peft's modules_to_save, e.g.
+        LLaVA's projector at 2e-5 beside LoRA's 2e-4) are a group of their own at that learning rate."""
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        head_lr = self.optim_cfg.get("head_lr")
+        if head_lr is None:
+            return [{"params": [p for _, p in named]}]
+        heads = [p for n, p in named if "modules_to_save" in n]
+        rest = [p for n, p in named if "modules_to_save" not in n]
+        return [group for group in ({"params": rest}, {"params": heads, "lr": head_lr}) if group["params"]]
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)

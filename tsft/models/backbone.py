@@ -77,11 +77,18 @@ def load_backbone(
     ``config_kwargs`` set task-specific config fields such as ``num_labels``.
     """
     if model_cfg.random_init:
-        settings = OmegaConf.to_container(model_cfg.random_init)
-        config = AutoConfig.for_model(
-            **settings, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **config_kwargs
-        )
-        return auto_class.from_config(config)
+        settings = OmegaConf.to_container(model_cfg.random_init, resolve=True)
+        if settings.get("model_type") == "llava":  # the vocabulary is the language model's; <image> is in it
+            settings["text_config"] = {**settings["text_config"], "vocab_size": len(tokenizer)}
+            settings["text_config"]["pad_token_id"] = tokenizer.pad_token_id
+            settings["image_token_id"] = tokenizer.convert_tokens_to_ids("<image>")
+            config = AutoConfig.for_model(**settings, **config_kwargs)
+        else:
+            config = AutoConfig.for_model(
+                **settings, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **config_kwargs
+            )
+        # Auto* classes build from a config with from_config, concrete ones (LlavaForConditionalGeneration) by calling
+        return auto_class.from_config(config) if hasattr(auto_class, "from_config") else auto_class(config)
     if not model_cfg.path:
         raise InputError(f"model '{model_cfg.name}' has neither model.path nor model.random_init")
     ensure_prepared(model_cfg, model_cfg.path, tokenizer_only=False)

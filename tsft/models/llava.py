@@ -70,6 +70,12 @@ def prepare(folder: Path, tokenizer_only: bool) -> None:
         return
     cache = folder.parent
     text_folder = cache / "smollm2-135m"
+    if tokenizer_only:  # the tokenizer alone (tiny random LLaVAs of the tests): SmolLM2's, with <image>
+        smollm2.prepare(text_folder, tokenizer_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(text_folder)
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+        tokenizer.save_pretrained(folder)
+        return
     smollm2.prepare(text_folder, tokenizer_only=False)
     vision_folder = dinov2.prepare(cache / "dinov2-s14")
     tokenizer = AutoTokenizer.from_pretrained(text_folder)

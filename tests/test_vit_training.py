@@ -1,0 +1,80 @@
+"""task=vit end to end on a random tiny LLaVA with generated images: gated DoRA trains, the held-out answers
+are scored, result.json says what was measured (tsft.data.vit, tsft.lit.vision_language)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from tsft.errors import InputError
+from tsft.pipeline import run
+
+from .helpers import compose_config
+
+
+def write_captions(root, count=24, missing=0):
+    """Solid-colour images of two kinds, captioned by their colour (learnable from the pixels)."""
+    folder = root / "vlm" / "tiny"
+    (folder / "images").mkdir(parents=True)
+    entries = []
+    for i in range(count):
+        colour = ("red", (220, 20, 20)) if i % 2 else ("blue", (20, 20, 220))
+        if i >= missing:
+            Image.new("RGB", (40 + i, 30), colour[1]).save(folder / "images" / f"{i}.png")
+        entries.append({
+            "id": f"{i:03d}",
+            "image": f"{i}.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat colour is this?"},
+                {"from": "gpt", "value": f"It is {colour[0]}."},
+            ],
+        })  # fmt: skip
+    entries.append(
+        {"id": "text", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}
+    )
+    (folder / "train.json").write_text(json.dumps(entries))
+    return root
+
+
+def overrides(tmp_path, data_dir, *extra):
+    return [
+        "task=vit",
+        "model=tiny-llava",
+        f"paths.data_dir={data_dir}",
+        f"paths.results_dir={tmp_path / 'results'}",
+        "task.train_file=vlm/tiny/train.json",
+        "task.image_folder=vlm/tiny/images",
+        "task.eval_share=0.25",
+        "task.max_length=128",
+        "task.batch_size=4",
+        "task.eval_batch_size=4",
+        "task.rank=4",
+        "task.adalora_init_rank=6",
+        "task.lr=1e-3",
+        "trainer.max_steps=6",
+        "trainer.enable_progress_bar=false",
+        "checkpoint.enabled=false",
+        *extra,
+    ]
+
+
+def test_gated_dora_on_a_tiny_llava_trains_and_scores_held_out_answers(tmp_path):
+    data = write_captions(tmp_path / "data")
+    cfg = compose_config(overrides(tmp_path, data, "peft=dora", "sparsity=ts", "sparsity.lambda=1e-4"))
+    run_dir, result = run(cfg)
+    assert result["family"] == "vit" and result["method"] == "ts-dora"
+    assert set(result["metrics"]) == {"answer_loss", "answer_ppl", "token_accuracy"}
+    assert 0 <= result["score"] <= 100 and result["eval"]["held_out"] == 7  # every 4th of 25 entries by id
+    modules = result["sparsity"]["modules"]
+    assert modules and all("language_model" in m["name"] for m in modules)  # no gate on the vision tower
+    assert len(modules) == 2 * 7  # 2 layers x q, k, v, o, up, down, gate
+    assert result["trainable_params"]["peft"] < result["trainable_params"]["total"]  # the projector trains too
+
+
+def test_missing_images_are_refused_before_training(tmp_path):
+    data = write_captions(tmp_path / "data", missing=3)
+    with pytest.raises(InputError, match="3 of 25 entries name images missing"):
+        run(compose_config(overrides(tmp_path, data)))
+    assert not (tmp_path / "results").exists()

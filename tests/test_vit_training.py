@@ -78,3 +78,23 @@ def test_missing_images_are_refused_before_training(tmp_path):
     with pytest.raises(InputError, match="3 of 25 entries name images missing"):
         run(compose_config(overrides(tmp_path, data)))
     assert not (tmp_path / "results").exists()
+
+
+def test_head_lr_puts_the_fully_trained_heads_in_a_group_of_their_own():
+    import torch
+    from omegaconf import OmegaConf
+
+    from tsft.lit.base import PeftModule
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lora_A = torch.nn.Linear(2, 2)
+            self.modules_to_save = torch.nn.Linear(2, 2)  # peft's name for a head trained in full
+            self.frozen = torch.nn.Linear(2, 2).requires_grad_(False)
+
+    for head_lr, expected in ((None, [(4, 1e-3)]), (2e-5, [(2, 1e-3), (2, 2e-5)])):
+        optim = OmegaConf.create({"lr": 1e-3, "weight_decay": 0.0, "warmup_ratio": 0.0, "head_lr": head_lr})
+        groups = PeftModule(Model(), optim, OmegaConf.create({}))._param_groups()
+        # tensors per group (weight and bias of each layer) and their learning rate; the frozen layer in none
+        assert [(len(g["params"]), g.get("lr", 1e-3)) for g in groups] == expected

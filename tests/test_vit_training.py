@@ -98,3 +98,33 @@ def test_head_lr_puts_the_fully_trained_heads_in_a_group_of_their_own():
         groups = PeftModule(Model(), optim, OmegaConf.create({}))._param_groups()
         # tensors per group (weight and bias of each layer) and their learning rate; the frozen layer in none
         assert [(len(g["params"]), g.get("lr", 1e-3)) for g in groups] == expected
+
+
+def test_stage_one_trains_only_the_projector_and_stage_two_starts_from_it(tmp_path):
+    """peft=heads (LLaVA's stage 1): only the projector changes and is saved; model.init_from loads it into the
+    next run's model before its PEFT layers are added."""
+    import torch
+    from safetensors.torch import load_file
+
+    from tsft.models import build_peft_model, load_tokenizer
+    from tsft.models.build import HEADS_FILE
+    from tsft.pipeline import VIT
+
+    data = write_captions(tmp_path / "data")
+    stage1_dir, stage1 = run(compose_config(overrides(tmp_path, data, "peft=heads")))
+    heads = load_file(str(stage1_dir / HEADS_FILE))
+    assert heads and all(name.startswith("model.multi_modal_projector.") for name in heads)
+    assert stage1["trainable_params"]["total"] == sum(t.numel() for t in heads.values())
+
+    cfg = compose_config(overrides(tmp_path, data, "peft=lora", f"model.init_from={stage1_dir}"))
+    tokenizer = load_tokenizer(cfg.model, tmp_path)
+    model = build_peft_model(cfg, tokenizer, VIT.auto_class, VIT.peft_task_type, 10)
+    projector = {n: p for n, p in model.named_parameters() if "multi_modal_projector" in n and "modules_to_save" in n}
+    for name, weight in heads.items():
+        leaf = name.removeprefix("model.multi_modal_projector.")
+        (ours,) = [p for n, p in projector.items() if n.endswith(leaf)]
+        assert torch.equal(ours.detach(), weight)
+    with pytest.raises(InputError, match="sparsity=ts gates PEFT layers"):
+        run(compose_config(overrides(tmp_path, data, "peft=heads", "sparsity=ts")))
+    with pytest.raises(InputError, match="no heads.safetensors"):
+        run(compose_config(overrides(tmp_path, data, f"model.init_from={tmp_path}")))

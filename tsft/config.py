@@ -11,7 +11,8 @@ from omegaconf import DictConfig
 
 from tsft.errors import InputError
 
-PEFT_METHODS = ("lora", "dora", "adalora", "adapter")
+# heads: no PEFT layer, only model.head_modules train (LLaVA stage 1, the projector warm-up)
+PEFT_METHODS = ("lora", "dora", "adalora", "adapter", "heads")
 SCALE_READINGS = ("r_over_alpha", "alpha_over_r")  # how Table 6's "Scale" sets lora_alpha (configs/peft/lora.yaml)
 LOGGER_KINDS = ("csv", "wandb", "tensorboard", "none")
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -73,6 +74,7 @@ def validate(cfg: DictConfig) -> None:
     _check_task(cfg.task)
     _check_peft(cfg.peft)
     if cfg.sparsity.enabled:
+        _require(cfg.peft.name != "heads", "sparsity=ts gates PEFT layers and peft=heads has none; use sparsity=off")
         _check_sparsity(cfg.sparsity)
     _check_trainer(cfg.trainer)
     if cfg.logger.kind not in LOGGER_KINDS:
@@ -115,6 +117,8 @@ def _check_task(task: DictConfig) -> None:
 def _check_peft(peft: DictConfig) -> None:
     name = peft.name
     _require(name in PEFT_METHODS, f"peft.name '{name}' is not one of {', '.join(PEFT_METHODS)}")
+    if name == "heads":
+        return  # nothing to size: the model's head_modules are trained in full
     if name in ("lora", "dora"):
         _positive_int(peft, "r")
     elif name == "adalora":

@@ -227,6 +227,10 @@ def fit_and_evaluate(
         **(extras or {}),
     )
     if trainer.is_global_zero:
+        if cfg.peft.name == "heads":  # a stage-1 run: what the next stage starts from (model.init_from)
+            from tsft.models.build import save_heads
+
+            save_heads(module.model, run_dir)
         write_result(run_dir / paths.RESULT_FILENAME, result)
     if cfg.logger.kind == "wandb":
         import wandb

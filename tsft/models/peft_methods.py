@@ -53,6 +53,8 @@ def apply_peft(
 
     ``total_steps`` is the number of optimizer steps planned (AdaLoRA's budget schedule needs it).
     """
+    if peft_cfg.name == "heads":
+        return _heads_only(model, list(model_cfg.head_modules), model_cfg.name)
     targets = resolve_target_modules(peft_cfg.target_modules, model_cfg.targets)
     check_targets_exist(model, targets, model_cfg)
     targets = scoped_targets(model, targets, model_cfg.get("target_scope"))
@@ -84,6 +86,19 @@ def apply_peft(
         )
         return get_peft_model(model, config)
     return _add_parallel_adapters(model, peft_cfg, targets, head)
+
+
+def _heads_only(model: nn.Module, head: list[str], model_name: str) -> nn.Module:
+    """Everything frozen but the head modules (peft=heads): LLaVA's stage 1 trains only its projector."""
+    if not head:
+        raise InputError(f"peft=heads trains model.head_modules, and model '{model_name}' lists none")
+    model.requires_grad_(False)
+    found = [m for n, m in model.named_modules() if any(n == h or n.endswith(f".{h}") for h in head)]
+    if not found:
+        raise InputError(f"no module of model '{model_name}' is named {', '.join(head)} (model.head_modules)")
+    for module in found:
+        module.requires_grad_(True)
+    return model
 
 
 def lora_alpha(peft_cfg: DictConfig, rank: int) -> float:

@@ -128,3 +128,79 @@ def test_stage_one_trains_only_the_projector_and_stage_two_starts_from_it(tmp_pa
         run(compose_config(overrides(tmp_path, data, "peft=heads", "sparsity=ts")))
     with pytest.raises(InputError, match="no heads.safetensors"):
         run(compose_config(overrides(tmp_path, data, f"model.init_from={tmp_path}")))
+
+
+def write_benchmarks(data, images=3):
+    """POPE, ScienceQA and VizWiz in LLaVA-1.5's file formats, over generated images."""
+    eval_dir = data / "vlm" / "eval"
+    for folder in ("pope/coco", "scienceqa", "vizwiz", "img"):
+        (eval_dir / folder).mkdir(parents=True, exist_ok=True)
+    for i in range(images):
+        Image.new("RGB", (30, 40), (40 * i, 100, 200)).save(eval_dir / "img" / f"{i}.jpg")
+    pope, labels = [], {"adversarial": [], "popular": [], "random": []}
+    for qid, split in enumerate(["adversarial", "popular", "random"] * 2, start=1):
+        pope.append(
+            {
+                "question_id": qid,
+                "image": f"{qid % images}.jpg",
+                "text": "Is there a cat?\nAnswer the question using a single word or phrase.",
+                "category": split,
+            }
+        )
+        labels[split].append(
+            {
+                "question_id": qid,
+                "image": f"{qid % images}.jpg",
+                "text": "Is there a cat?",
+                "label": "yes" if qid % 2 else "no",
+            }
+        )
+    (eval_dir / "pope" / "llava_pope_test.jsonl").write_text("\n".join(json.dumps(r) for r in pope))
+    for split, rows in labels.items():
+        (eval_dir / "pope" / "coco" / f"coco_pope_{split}.json").write_text("\n".join(json.dumps(r) for r in rows))
+    sqa = [
+        {
+            "id": str(i),
+            "image": f"{i}.jpg",
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhich?\nA. one\nB. two"},
+                {"from": "gpt", "value": "A"},
+            ],
+        }
+        for i in range(images)
+    ]
+    sqa.append(
+        {
+            "id": "t",
+            "conversations": [{"from": "human", "value": "Text only?\nA. x\nB. y"}, {"from": "gpt", "value": "B"}],
+        }
+    )
+    (eval_dir / "scienceqa" / "llava_test_CQM-A.json").write_text(json.dumps(sqa))
+    vizwiz = [
+        {"question_id": i, "image": f"{i}.jpg", "text": "What is this?", "category": "default"} for i in range(images)
+    ]
+    (eval_dir / "vizwiz" / "llava_test.jsonl").write_text("\n".join(json.dumps(r) for r in vizwiz))
+    return "vlm/eval/img"
+
+
+def test_the_benchmark_loop_generates_scores_and_writes_submissions_end_to_end(tmp_path):
+    """A tiny random LLaVA answers POPE, ScienceQA-IMG and VizWiz over generated images: POPE and ScienceQA are
+    scored from their gold answers, VizWiz (answers on a server) writes a submission file, and a benchmark
+    whose images are missing is reported as skipped, with the reason."""
+    data = write_captions(tmp_path / "data")
+    images = write_benchmarks(data)
+    extra = [
+        "task.benchmarks=[pope,scienceqa,vizwiz,gqa]",
+        f"task.benchmark_images={{pope: {images}, scienceqa: {images}, vizwiz: {images}, gqa: {images}}}",
+        "task.max_new_tokens=4",
+        "trainer.max_steps=2",
+    ]
+    run_dir, result = run(compose_config(overrides(tmp_path, data, *extra)))
+    bench = result["benchmarks"]
+    assert set(bench["pope"]["splits"]) == {"adversarial", "popular", "random"} and bench["pope"]["records"] == 6
+    assert 0 <= bench["pope"]["score"] <= 100
+    assert bench["scienceqa"]["records"] == 3  # the IMG subset: the text-only question is left out
+    assert 0 <= bench["scienceqa"]["score"] <= 100 and 0 <= bench["scienceqa"]["unparsed"] <= 3
+    submission = json.loads((run_dir / "vizwiz_submission.json").read_text())
+    assert [row["image"] for row in submission] == ["0.jpg", "1.jpg", "2.jpg"]
+    assert bench["gqa"]["skipped"].startswith("no question file")

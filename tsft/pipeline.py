@@ -134,7 +134,7 @@ def _vit_module(cfg: DictConfig, model: nn.Module, data: Any) -> PeftModule:
     from tsft.lit.vision_language import VisionLanguageModule
 
     fit_embeddings_to_tokenizer(model, data.tokenizer)
-    return VisionLanguageModule(model, cfg.optim, cfg.peft)
+    return VisionLanguageModule(model, cfg.optim, cfg.peft, data.tokenizer, cfg.task.max_new_tokens)
 
 
 def _llava_class() -> Any:
@@ -152,6 +152,7 @@ VIT = TaskFamily(
     # at the CPU scale, where the benchmark images are absent: answer tokens of held-out conversations
     # predicted exactly (teacher-forced), in percent
     score=lambda cfg, metrics: None if "token_accuracy" not in metrics else 100 * metrics["token_accuracy"],
+    evaluate="test",  # held-out answers, then the benchmarks of task.benchmarks
     result_extras=lambda cfg, data: {"eval": {"held_out": data.num_eval_examples, "train_file": cfg.task.train_file}},
 )
 

@@ -232,6 +232,22 @@ class VitDataModule(L.LightningDataModule):
         self.splits = {"train": train, "eval": held}
         for entry in train + held:  # every mask is checked now, before any training
             tokenize_entry(entry, self.tokenizer, self.image_seq_length, self.task.max_length)
+        self._find_benchmarks()
+
+    def _find_benchmarks(self) -> None:
+        """The benchmarks of ``task.benchmarks`` that can run here, and why the others cannot."""
+        from tsft.eval.vit_benchmarks import available
+
+        self.benchmarks, self.skipped = {}, {}
+        images, answers = self.task.get("benchmark_images") or {}, self.task.get("benchmark_answers") or {}
+        for name in self.task.get("benchmarks") or []:
+            records, reason = available(
+                name, self.data_dir, images.get(name), answers.get(name), self.task.get("benchmark_limit")
+            )
+            if records is None:
+                self.skipped[name] = reason
+            else:
+                self.benchmarks[name] = records
 
     @property
     def num_train_examples(self) -> int:
@@ -261,6 +277,30 @@ class VitDataModule(L.LightningDataModule):
             collate_fn=lambda batch: collate(batch, pad),
         )
 
+    def test_dataloader(self):
+        """The held-out conversations (answer loss), then one loader of prompts per runnable benchmark."""
+        return [self.val_dataloader()] + [self._prompt_loader(name) for name in self.benchmarks]
+
+    def _prompt_loader(self, name: str):
+        from torch.utils.data import DataLoader
+
+        records = self.benchmarks[name]
+        folder = self.data_dir / self.task.benchmark_images[name]
+
+        def make(index: int) -> dict[str, Any]:
+            record = records[index]
+            text = prompt_of(record.question, has_image=record.image is not None)
+            ids = expand_image_tokens(self.tokenizer(text)["input_ids"], self.tokenizer, self.image_seq_length)
+            pixels = load_image(folder / record.image, self.image) if record.image else None
+            return {"input_ids": ids, "pixel_values": pixels, "index": index}
+
+        pad = self.tokenizer.pad_token_id
+        return DataLoader(
+            _Lazy(list(range(len(records))), make),
+            batch_size=self.task.eval_batch_size,
+            collate_fn=lambda batch: collate_prompts(batch, pad),
+        )
+
     def train_dataloader(self):
         return self._loader("train", self.task.batch_size, shuffle=True)
 
@@ -279,3 +319,29 @@ class _Lazy:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.make(self.entries[index])
+
+
+def expand_image_tokens(ids: list[int], tokenizer: Any, image_seq_length: int) -> list[int]:
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    out = []
+    for token in ids:
+        out += [token] * image_seq_length if token == image_id else [token]
+    return out
+
+
+def collate_prompts(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
+    """Left-padded prompts for batched generation (the new tokens then follow every prompt directly)."""
+    import torch
+
+    width = max(len(s["input_ids"]) for s in samples)
+    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(samples), width), dtype=torch.long)
+    for row, sample in enumerate(samples):
+        n = len(sample["input_ids"])
+        ids[row, width - n :] = torch.tensor(sample["input_ids"])
+        mask[row, width - n :] = 1
+    batch = {"input_ids": ids, "attention_mask": mask, "index": torch.tensor([s["index"] for s in samples])}
+    images = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
+    if images:
+        batch["pixel_values"] = torch.stack(images)
+    return batch

@@ -76,7 +76,7 @@ def test_paths_default_to_env_data_dir(monkeypatch):
 def test_unknown_group_option_is_one_line_with_choices():
     with pytest.raises(InputError) as err:
         check_group_choices(["peft=lorra"])
-    assert str(err.value) == "unknown peft 'lorra'; choose one of: adalora, adapter, dora, lora"
+    assert str(err.value) == "unknown peft 'lorra'; choose one of: adalora, adapter, dora, heads, lora"
     with pytest.raises(InputError, match="unknown task 'glue/rtee'.*glue/rte"):
         check_group_choices(["task=glue/rtee"])
     with pytest.raises(InputError, match="unknown model 'nope'"):

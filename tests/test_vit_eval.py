@@ -137,3 +137,14 @@ def test_server_splits_write_submission_files(tmp_path):
     assert json.loads(path.read_text()) == [{"image": "VizWiz_test_0.jpg", "answer": "unanswerable"}]
     with pytest.raises(ValueError, match="vqav2"):
         vit.submission("gqa", [], tmp_path / "x.json")
+
+
+def test_the_real_pope_questions_pair_with_their_labels_in_order():
+    from tsft.eval.vit_benchmarks import read_pope
+
+    if not (VLM_EVAL / "pope" / "llava_pope_test.jsonl").is_file():
+        pytest.skip("no POPE question file")
+    records = read_pope(VLM_EVAL, None)
+    assert len(records) == 8910 and {r.category for r in records} == {"adversarial", "popular", "random"}
+    assert {r.gold for r in records} == {"yes", "no"}
+    assert sum(r.gold == "yes" for r in records) == pytest.approx(len(records) / 2, rel=0.02)  # POPE is balanced

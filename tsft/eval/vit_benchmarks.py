@@ -36,14 +36,24 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def read_pope(eval_dir: Path, answers: Optional[Path]) -> list[Record]:
-    labels = {}
-    for split in ("adversarial", "popular", "random"):
-        for row in _jsonl(eval_dir / "pope" / "coco" / f"coco_pope_{split}.json"):
-            labels[(split, row["question_id"])] = row["label"]
-    return [
-        Record(r["question_id"], r["image"], r["text"], labels[(r["category"], r["question_id"])], r["category"])
-        for r in _jsonl(eval_dir / "pope" / "llava_pope_test.jsonl")
-    ]
+    """LLaVA's POPE questions with the COCO labels. As LLaVA's eval_pope, the i-th question of a split goes with
+    the i-th row of its label file (the question file numbers the splits from 1, 10000001 and 20000001); the
+    question texts must agree, so a shuffled or foreign label file is an error, not a wrong score."""
+    questions = _jsonl(eval_dir / "pope" / "llava_pope_test.jsonl")
+    labels = {
+        split: _jsonl(eval_dir / "pope" / "coco" / f"coco_pope_{split}.json")
+        for split in sorted({q["category"] for q in questions})
+    }
+    position: dict[str, int] = {}
+    records = []
+    for question in questions:
+        split = question["category"]
+        index = position[split] = position.get(split, -1) + 1
+        row = labels[split][index] if index < len(labels[split]) else None
+        if row is None or not question["text"].startswith(row["text"]) or row["image"] != question["image"]:
+            raise ValueError(f"POPE {split} question {question['question_id']} does not match label row {index}")
+        records.append(Record(question["question_id"], question["image"], question["text"], row["label"], split))
+    return records
 
 
 def read_scienceqa(eval_dir: Path, answers: Optional[Path]) -> list[Record]:

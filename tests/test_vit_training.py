@@ -67,6 +67,8 @@ def test_gated_dora_on_a_tiny_llava_trains_and_scores_held_out_answers(tmp_path)
     assert result["family"] == "vit" and result["method"] == "ts-dora"
     assert set(result["metrics"]) == {"answer_loss", "answer_ppl", "token_accuracy"}
     assert 0 <= result["score"] <= 100 and result["eval"]["held_out"] == 7  # every 4th of 25 entries by id
+    # the most common held-out answer token: "It is red." / "It is blue." / "Hello" share "It", " is", "." and eos
+    assert 0 < result["trivial_score"] < 100
     modules = result["sparsity"]["modules"]
     assert modules and all("language_model" in m["name"] for m in modules)  # no gate on the vision tower
     assert len(modules) == 2 * 7  # 2 layers x q, k, v, o, up, down, gate

@@ -12,6 +12,7 @@ holds each one's metrics, or why it was skipped.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ class VisionLanguageModule(PeftModule):
         self.eval_metrics: dict[str, float] = {}
         self.eval_extras: dict[str, Any] = {}
         self._sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct tokens, answer tokens
+        self._targets: Counter[int] = Counter()  # answer tokens of the held-out conversations
         self._generated: dict[int, dict[int, str]] = {}  # benchmark loader -> record index -> answer
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -38,6 +40,7 @@ class VisionLanguageModule(PeftModule):
 
     def on_validation_epoch_start(self) -> None:
         self._sums.zero_()
+        self._targets.clear()
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         labels = batch["labels"]
@@ -48,6 +51,7 @@ class VisionLanguageModule(PeftModule):
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
         correct = ((logits.argmax(-1) == targets) & answer).sum()
         self._sums += torch.tensor([float(loss), float(correct), float(answer.sum())], dtype=torch.float64)
+        self._targets.update(targets[answer].tolist())  # for the constant-prediction baseline
 
     def on_validation_epoch_end(self) -> None:
         loss_sum, correct, tokens = self._sums.tolist()
@@ -60,11 +64,13 @@ class VisionLanguageModule(PeftModule):
             "answer_ppl": math.exp(min(mean, 50.0)),
             "token_accuracy": correct / tokens,
         }
+        # the trivial baseline of token accuracy: always predicting the most common answer token, in percent
+        self.eval_extras["trivial_score"] = 100 * self._targets.most_common(1)[0][1] / tokens
         self.log_dict({f"val/{k}": v for k, v in self.eval_metrics.items()}, prog_bar=True)
 
     # ------------------------------------------------------------------ test: held-out answers, then benchmarks
     def on_test_epoch_start(self) -> None:
-        self._sums.zero_()
+        self.on_validation_epoch_start()
         self._generated = {}
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:

@@ -2,6 +2,7 @@
 #
 #   make table3 PRESET=cpu JOBS=2   GLUE, 4 tasks x 6 methods x 3 seeds, MiniLM-L6 on 2 CPU cores (~4.4 h), then aggregate
 #   make table3                     the paper's Table 3 grid (DeBERTaV3-base, Table 6, 3 seeds): needs a GPU
+#   make table2 [PRESET=cpu]        Table 2: LLaVA-1.5-7B (GPU); PRESET=cpu: the tiny LLaVA on 707 captioned images
 #   make table1 [PRESET=cpu]        the CSR grid of Table 1 (LLaMA-3.1-8B; PRESET=cpu: the CSR helper's small model)
 #   make aggregate-table3 [PRESET=cpu]   only rebuild results/tables/table3[_cpu].{md,tex} from the runs so far
 #   make aggregate-table1 / aggregate-table5 [PRESET=cpu]
@@ -24,6 +25,7 @@ CPU_GLUE_TASKS := cola mrpc sst2 stsb
 PAPER_GLUE_TASKS := mnli cola qnli rte mrpc qqp sst2 stsb
 TABLE3_METHODS := lora ts_lora adalora ts_adalora adapter ts_adapter
 TABLE1_METHODS := lora ts_lora dora ts_dora adalora ts_adalora
+TABLE2_METHODS := lora ts_lora dora ts_dora adalora ts_adalora
 
 tables_comma := ,
 tables_empty :=
@@ -59,7 +61,7 @@ define tables_run_grid
 	exit $$status
 endef
 
-.PHONY: table1 table3 aggregate-table1 aggregate-table3 aggregate-table5
+.PHONY: table1 table2 table3 aggregate-table1 aggregate-table2 aggregate-table3 aggregate-table5
 
 table3:
 	$(tables_check_preset)
@@ -69,5 +71,11 @@ table1:
 	$(tables_check_preset)
 	$(call tables_run_grid,table1,$(TABLE1_METHODS),task=csr,table5)
 
-aggregate-table1 aggregate-table3 aggregate-table5: aggregate-%:
+# Table 2 at the CPU scale first trains the stage-1 projector that every method starts from (model.init_from)
+table2:
+	$(tables_check_preset)
+	$(if $(filter cpu,$(PRESET)),$(PYTHON) train.py experiment=table2_cpu_stage1 ++skip_existing=true)
+	$(call tables_run_grid,table2,$(TABLE2_METHODS),,)
+
+aggregate-table1 aggregate-table2 aggregate-table3 aggregate-table5: aggregate-%:
 	$(PYTHON) scripts/make_table.py $* --preset $(PRESET) --runs $(RUNS_DIR) --out $(TABLES_DIR)

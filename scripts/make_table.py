@@ -16,7 +16,7 @@ from tsft.report.tables import make_table  # noqa: E402
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("table", choices=["table1", "table3", "table5"])
+    parser.add_argument("table", choices=["table1", "table2", "table3", "table5"])
     parser.add_argument(
         "--runs", type=Path, default=ROOT / "results" / "runs", help="directory searched for result.json"
     )
@@ -25,7 +25,13 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "tables")
     args = parser.parse_args(argv)
-    for path in make_table(args.table, args.runs, args.preset, args.out):
+    if args.table == "table2":  # visual instruction tuning: its own columns (tsft/report/table2.py)
+        from tsft.report.table2 import make_table2
+
+        paths = make_table2(args.runs, args.preset, args.out)
+    else:
+        paths = make_table(args.table, args.runs, args.preset, args.out)
+    for path in paths:
         print(path)
     return 0
 

@@ -24,7 +24,7 @@ def train(tmp_path, *overrides: str) -> subprocess.CompletedProcess:
 def test_unknown_group_option_is_one_line(tmp_path):
     out = train(tmp_path, "peft=lorra")
     assert out.returncode == 1
-    assert out.stderr == "error: unknown peft 'lorra'; choose one of: adalora, adapter, dora, lora\n"
+    assert out.stderr == "error: unknown peft 'lorra'; choose one of: adalora, adapter, dora, heads, lora\n"
 
 
 @pytest.mark.parametrize(

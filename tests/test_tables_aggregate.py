@@ -404,3 +404,20 @@ def test_make_table_cli(cpu_grid, tmp_path, capsys):
     out = tmp_path / "cli"
     assert script.main(["table3", "--preset", "cpu", "--runs", str(cpu_grid), "--out", str(out)]) == 0
     assert capsys.readouterr().out.split() == [str(out / "table3_cpu.md"), str(out / "table3_cpu.tex")]
+
+
+def test_a_sweeps_single_seed_points_do_not_block_the_chosen_lambda(tmp_path):
+    """A λ sweep at seed 1 leaves runs at several λ; the λ then run at all seeds is the calibrated row, the
+    other sweep points are named in the notes, not pooled and not flagged as a conflict."""
+    runs = tmp_path / "runs"
+    for seed in (1, 2, 3):
+        write_run(runs, task="glue/sst2", method="lora", seed=seed, score=80.0 + seed)
+        write_run(runs, task="glue/sst2", method="ts-lora", seed=seed, score=80.0 + seed, sparsity=0.55, lam=4e-6)
+    for lam, sparsity in ((1e-6, 0.2), (1.6e-5, 0.9)):
+        write_run(runs, task="glue/sst2", method="ts-lora", seed=1, score=70.0, sparsity=sparsity, lam=lam)
+    text, _ = build(runs)
+    rows = md_rows(text)
+    calibrated = "TS-LoRA (calibrated λ)"
+    assert rows[(calibrated, "score — ours")]["SST-2"] == "82.0 ± 1.0 (n=3)"
+    assert rows[(calibrated, "λ — ours")]["SST-2"] == "4e-6"
+    assert "left out as sweep points, sst2 λ 1e-6 (1 seed)" in text and "sst2 λ 1.6e-5 (1 seed)" in text

@@ -239,6 +239,8 @@ def benchmark_report(bench: Benchmark, runs: list[dict[str, Any]], header: list[
             rows.append(["", "λ — ours"] + [fmt_values(data.lambdas.get(c, set())) for c in cols] + [""])
             rows.append(["", f"λ — paper (Table {table_no})"] + [fmt_sci(pm["lambda"][c]) for c in cols] + [""])
         notes += _conflict_notes(pm["label"], data.conflicts, paper["column_labels"])
+        calibrated, sweep_points = _calibrated_choice(calibrated, bench)
+        notes += [f"{pm['label']} (calibrated λ): left out as sweep points, {point}" for point in sweep_points]
         cal = gather(calibrated, bench.extract, ts)
         if calibrated:
             starts.append(len(rows))
@@ -301,6 +303,29 @@ def _split_by_lambda(runs, pm, bench: Benchmark, ts: bool) -> tuple[list, list]:
         same = lam is not None and paper_lambda is not None and math.isclose(lam, paper_lambda, rel_tol=1e-9)
         (at_paper if same or lam is None else other).append(run)
     return at_paper, other
+
+
+def _calibrated_choice(runs: list[dict[str, Any]], bench: Benchmark) -> tuple[list[dict[str, Any]], list[str]]:
+    """Per column, the calibrated runs of the λ run with the most seeds (the chosen λ of a sweep); the other λ of
+    that column are its sweep points (one seed each, typically), named in the notes and left out. When two λ
+    have the most seeds, no choice is made: all stay, and the cell is flagged as several λ."""
+    by_column: dict[str, dict[float, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        for column in bench.extract(run):
+            by_column[column][run.get("lambda")].append(run)
+    kept, points = [], []
+    for column, by_lambda in sorted(by_column.items()):
+        seeds = {lam: len({r.get("seed") for r in rs}) for lam, rs in by_lambda.items()}
+        most = max(seeds.values())
+        chosen = [lam for lam, n in seeds.items() if n == most]
+        if len(chosen) > 1:
+            chosen = list(by_lambda)
+        for lam, rs in by_lambda.items():
+            if lam in chosen:
+                kept += [r for r in rs if r not in kept]
+            else:
+                points.append(f"{column} λ {fmt_sci(lam)} ({seeds[lam]} seed{'s' if seeds[lam] > 1 else ''})")
+    return kept, points
 
 
 def _paired_label(method: str, paper: dict[str, Any]) -> str:

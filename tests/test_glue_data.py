@@ -166,3 +166,23 @@ def test_real_glue_files_load_completely(task):
     assert (len(splits["train"]), len(splits["dev"])) == REAL_SIZES[task]
     labels = {e.label for e in splits["train"]}
     assert labels == set(range(cfg.task.num_labels)) if task != "stsb" else min(labels) >= 0 and max(labels) <= 5
+
+
+@pytest.mark.parametrize("score", ["5.5", "-0.1", "nan", "inf"])
+def test_stsb_scores_outside_0_5_or_not_finite_are_refused_naming_the_line(tmp_path, score):
+    header = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore"
+    rows = [header, "0\tmain\tMSRvid\t2012\t0001\tnone\tnone\tA plane.\tA jet.\t5.000"]
+    rows.append(f"1\tmain\tMSRvid\t2012\t0002\tnone\tnone\tA cat.\tA dog.\t{score}")
+    write(tmp_path / "stsb.tsv", rows)
+    with pytest.raises(InputError, match=rf"stsb.tsv line 3: score '{score}' lies outside \[0, 5\]"):
+        read_glue_tsv(tmp_path / "stsb.tsv", FORMATS["stsb"])
+
+
+def test_a_file_that_is_not_utf8_is_refused_naming_the_line(tmp_path):
+    path = tmp_path / "train.tsv"
+    path.write_bytes(
+        "index\tsentence1\tsentence2\tlabel\n0\tok\tfine\tentailment\n".encode()
+        + "1\tcaf\xe9\tx\tentailment\n".encode("latin-1")
+    )
+    with pytest.raises(InputError, match="train.tsv line 3 is not UTF-8 text"):
+        read_glue_tsv(path, FORMATS["rte"])

@@ -7,6 +7,7 @@ batch and padded to the longest example in it (dynamic padding).
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ class GlueFormat:
     hub_text: tuple[str, str | None]
     dev_splits: tuple[str, ...] = ("dev",)  # file stems; hub split = "validation" + stem suffix
     header: bool = True
+    score_range: tuple[float, float] | None = None  # regression: the scores a row may hold (STS-B: 0 to 5)
 
     @property
     def is_regression(self) -> bool:
@@ -54,7 +56,7 @@ FORMATS: dict[str, GlueFormat] = {
     "cola": GlueFormat(3, None, 1, BINARY, ("sentence", None), header=False),
     "sst2": GlueFormat("sentence", None, "label", BINARY, ("sentence", None)),
     "mrpc": GlueFormat("#1 String", "#2 String", "Quality", BINARY, ("sentence1", "sentence2")),
-    "stsb": GlueFormat("sentence1", "sentence2", "score", None, ("sentence1", "sentence2")),
+    "stsb": GlueFormat("sentence1", "sentence2", "score", None, ("sentence1", "sentence2"), score_range=(0.0, 5.0)),
     "qqp": GlueFormat("question1", "question2", "is_duplicate", BINARY, ("question1", "question2")),
     "mnli": GlueFormat(
         "sentence1",
@@ -81,8 +83,13 @@ def read_glue_tsv(path: Path, fmt: GlueFormat) -> list[Example]:
     tabs only (not on the other characters str.splitlines treats as line breaks); ``utf-8-sig``
     drops the byte-order mark MRPC's files start with.
     """
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        lines = [line.removesuffix("\r") for line in f.read().split("\n")]
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            text = f.read()
+    except UnicodeDecodeError as error:
+        line = path.read_bytes()[: error.start].count(b"\n") + 1
+        raise InputError(f"{path} line {line} is not UTF-8 text; convert the file to UTF-8") from None
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
     start, positions = 0, {}
     if fmt.header:
         if not lines:
@@ -116,9 +123,13 @@ def read_glue_tsv(path: Path, fmt: GlueFormat) -> list[Example]:
 def _label(raw: str, fmt: GlueFormat, path: Path, number: int) -> int | float:
     if fmt.labels is None:
         try:
-            return float(raw)
+            score = float(raw)
         except ValueError:
             raise InputError(f"{path} line {number}: score {raw!r} is not a number") from None
+        low, high = fmt.score_range or (-math.inf, math.inf)
+        if not (math.isfinite(score) and low <= score <= high):
+            raise InputError(f"{path} line {number}: score {raw!r} lies outside [{low:g}, {high:g}]")
+        return score
     if raw not in fmt.labels:
         raise InputError(f"{path} line {number}: label {raw!r} is not one of {list(fmt.labels)}")
     return fmt.labels.index(raw)

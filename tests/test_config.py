@@ -134,3 +134,9 @@ def test_setting_a_sparsity_value_selects_ts_next_to_it():
         InputError, match="sparsity.lambda=1e-5 has no effect with sparsity=off; drop it or use sparsity=ts"
     ):
         with_implied_groups(["sparsity=off", "sparsity.lambda=1e-5"])
+
+
+def test_skip_existing_without_a_run_name_is_refused_not_silently_retrained():
+    with pytest.raises(InputError, match="skip_existing=true finds a finished run by its name"):
+        validate(compose_config(["++skip_existing=true"]))
+    validate(compose_config(["++skip_existing=true", "run_name=named"]))

@@ -70,6 +70,10 @@ def with_implied_groups(overrides: list[str]) -> list[str]:
 def validate(cfg: DictConfig) -> None:
     """Raise InputError on the first setting that cannot work. Cheap: no data or model is loaded."""
     _check_run_name(cfg.get("run_name"))
+    _require(
+        not cfg.get("skip_existing") or bool(cfg.get("run_name")),
+        "skip_existing=true finds a finished run by its name, and this run has none; set run_name=<name>",
+    )
     _check_optim(cfg.optim)
     _check_task(cfg.task)
     _check_peft(cfg.peft)

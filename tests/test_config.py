@@ -140,3 +140,23 @@ def test_skip_existing_without_a_run_name_is_refused_not_silently_retrained():
     with pytest.raises(InputError, match="skip_existing=true finds a finished run by its name"):
         validate(compose_config(["++skip_existing=true"]))
     validate(compose_config(["++skip_existing=true", "run_name=named"]))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("task.lr=abc", "task.lr must be a number (got 'abc')"),
+        ("task.batch_size=abc", "task.batch_size must be an integer (got 'abc')"),
+        ("task.batch_size=2.5", "task.batch_size must be an integer (got 2.5)"),
+        ("trainer.max_steps=abc", "trainer.max_steps must be an integer"),
+        ("seed=abc", "seed must be an integer"),
+        ("peft.dropout=abc", "peft.dropout must be a number"),
+        ("task.eval_limit=abc", "task.eval_limit must be an integer"),
+        ("sparsity.lambda=abc", "sparsity.lambda must be a number"),
+        ("trainer.accumulate_grad_batches=x", "trainer.accumulate_grad_batches must be an integer"),
+    ],
+)
+def test_values_that_must_be_numbers_are_refused_in_one_line(override, message):
+    overrides = [override] + (["sparsity=ts"] if override.startswith("sparsity.") else [])
+    with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        validate(compose_config(overrides))

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from tsft.errors import InputError
 
@@ -67,8 +67,54 @@ def with_implied_groups(overrides: list[str]) -> list[str]:
     return [*overrides[: settings[0]], "sparsity=ts", *overrides[settings[0] :]]
 
 
+# Values typed on the command line that must be numbers: the key a user types, and whether it is an integer.
+# (Hydra passes "abc" through as a string; the range checks below would then fail with a TypeError.)
+NUMERIC_KEYS = {
+    "seed": int,
+    "task.lr": float,
+    "task.batch_size": int,
+    "task.eval_batch_size": int,
+    "task.max_length": int,
+    "task.train_limit": int,
+    "task.eval_limit": int,
+    "task.rank": int,
+    "task.dropout": float,
+    "task.scale": float,
+    "optim.lr": float,
+    "optim.weight_decay": float,
+    "optim.warmup_ratio": float,
+    "peft.dropout": float,
+    "peft.scale": float,
+    "trainer.max_steps": int,
+    "trainer.max_epochs": int,
+    "trainer.accumulate_grad_batches": int,
+    "sparsity.lambda": float,
+    "sparsity.s": float,
+    "sparsity.alpha": float,
+}
+
+
+def _check_numbers(cfg: DictConfig) -> None:
+    for dotted, kind in NUMERIC_KEYS.items():
+        value = OmegaConf.select(cfg, dotted, default=None)
+        if value is None or isinstance(value, bool):
+            if isinstance(value, bool):
+                raise InputError(f"{dotted} must be a number (got {value})")
+            continue
+        if kind is int and not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                continue  # 32.0 is 32
+            raise InputError(f"{dotted} must be an integer (got {value!r}); e.g. {dotted}=32")
+        if kind is float and not isinstance(value, (int, float)):
+            try:
+                float(value)  # YAML 1.1 reads "1e-5" as a string; the gate and optimizer coerce it
+            except (TypeError, ValueError):
+                raise InputError(f"{dotted} must be a number (got {value!r}); e.g. {dotted}=1e-4") from None
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise InputError on the first setting that cannot work. Cheap: no data or model is loaded."""
+    _check_numbers(cfg)
     _check_run_name(cfg.get("run_name"))
     _require(
         not cfg.get("skip_existing") or bool(cfg.get("run_name")),

@@ -41,6 +41,19 @@ if TYPE_CHECKING:
     from tsft.gate.gate import TokenGate
 
 
+def update(
+    base: torch.Tensor, u: torch.Tensor, B: torch.Tensor, k: Optional[torch.Tensor], bias: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """delta = u B^T (+ k (base - bias)) in base's dtype, in fresh memory (callers may write into it)."""
+    delta = F.linear(u, B)  # u @ B^T as one call
+    if delta.dtype != base.dtype:  # dtype checks in Python: a no-op ``.to`` still costs a dispatch
+        delta = delta.to(base.dtype)
+    if k is not None:
+        frozen = base - bias if bias is not None else base
+        delta.addcmul_(frozen, k.to(base.dtype))
+    return delta
+
+
 def update_and_mask(
     base: torch.Tensor,
     u: torch.Tensor,
@@ -53,12 +66,7 @@ def update_and_mask(
     """delta and the gate S (Eq. 3) as a ``(..., 1)`` column of 0 / 1 in the output dtype, ready to
     multiply ``delta`` and, in backward, the rank-r terms. Runs without autograd (inside GatedUpdate or
     under no_grad), so ``delta`` and the norms are scratch tensors that may be updated in place."""
-    delta = F.linear(u, B)  # u @ B^T as one call
-    if delta.dtype != base.dtype:  # dtype checks in Python: a no-op ``.to`` still costs a dispatch
-        delta = delta.to(base.dtype)
-    if k is not None:
-        frozen = base - bias if bias is not None else base
-        delta.addcmul_(frozen, k.to(base.dtype))
+    delta = update(base, u, B, k, bias)
     norm_dtype = torch.promote_types(base.dtype, torch.float32)  # at least float32, even for bf16 models
     ratio = torch.linalg.vector_norm(delta, dim=-1, keepdim=True, dtype=norm_dtype)
     base_norm = torch.linalg.vector_norm(base, dim=-1, keepdim=True, dtype=norm_dtype)
@@ -175,12 +183,7 @@ def update_mask_and_norms(
     """``update_and_mask`` for evaluation, which also returns each token's ``(r_i, ||delta_i||)`` as a
     ``(..., 2)`` float32 (or wider) tensor: the relative and absolute update norms that Table 4's norm
     criteria rank modules by. Not used in training, so the training step keeps its in-place ratio."""
-    delta = F.linear(u, B)
-    if delta.dtype != base.dtype:
-        delta = delta.to(base.dtype)
-    if k is not None:
-        frozen = base - bias if bias is not None else base
-        delta.addcmul_(frozen, k.to(base.dtype))
+    delta = update(base, u, B, k, bias)
     norm_dtype = torch.promote_types(base.dtype, torch.float32)
     delta_norm = torch.linalg.vector_norm(delta, dim=-1, keepdim=True, dtype=norm_dtype)
     base_norm = torch.linalg.vector_norm(base, dim=-1, keepdim=True, dtype=norm_dtype)

@@ -46,6 +46,17 @@ static at::Tensor to_dtype(const at::Tensor& t, at::ScalarType dtype) {
   return t.scalar_type() == dtype ? t : t.to(dtype);  // a no-op .to still costs a dispatch
 }
 
+// update of function.py: delta = u (c B)^T (+ k (base - bias)) in base's dtype, in fresh memory (evaluation).
+static at::Tensor update(const at::Tensor& base, const at::Tensor& u, const at::Tensor& scaled_B,
+                         const std::optional<at::Tensor>& k, const std::optional<at::Tensor>& bias) {
+  at::Tensor delta = to_dtype(at::linear(u, scaled_B), base.scalar_type());
+  if (k) {
+    at::Tensor frozen = bias ? base - *bias : base;
+    delta.addcmul_(frozen, to_dtype(*k, base.scalar_type()));
+  }
+  return delta;
+}
+
 // update_and_mask of function.py: delta = u (c B)^T (+ k (base - bias)), and S = 1(||delta|| / max(||base||, eps)
 // >= tau) as a (..., 1) column of 0 / 1 in base's dtype.
 static std::tuple<at::Tensor, at::Tensor> update_and_mask(const at::Tensor& base, const at::Tensor& u,
@@ -53,6 +64,7 @@ static std::tuple<at::Tensor, at::Tensor> update_and_mask(const at::Tensor& base
                                                           const std::optional<at::Tensor>& k,
                                                           const std::optional<at::Tensor>& bias, const at::Tensor& tau,
                                                           double ratio_eps) {
+  // update()'s body, written out: this is the training step's path, timed by bench-gate as it stands
   at::Tensor delta = to_dtype(at::linear(u, scaled_B), base.scalar_type());
   if (k) {
     at::Tensor frozen = bias ? base - *bias : base;
@@ -151,11 +163,7 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_forward(at::Tensor b
                                                                     std::optional<at::Tensor> k,
                                                                     std::optional<at::Tensor> bias, at::Tensor tau,
                                                                     double ratio_eps) {
-  at::Tensor delta = to_dtype(at::linear(u, scaled(B, scale, scale_t)), base.scalar_type());
-  if (k) {
-    at::Tensor frozen = bias ? base - *bias : base;
-    delta.addcmul_(frozen, to_dtype(*k, base.scalar_type()));
-  }
+  at::Tensor delta = update(base, u, scaled(B, scale, scale_t), k, bias);
   auto norm_dtype = c10::promoteTypes(base.scalar_type(), at::kFloat);
   at::Tensor delta_norm = at::linalg_vector_norm(delta, 2, at::IntArrayRef{-1}, true, norm_dtype);
   at::Tensor base_norm = at::linalg_vector_norm(base, 2, at::IntArrayRef{-1}, true, norm_dtype);

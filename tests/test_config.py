@@ -160,3 +160,11 @@ def test_values_that_must_be_numbers_are_refused_in_one_line(override, message):
     overrides = [override] + (["sparsity=ts"] if override.startswith("sparsity.") else [])
     with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
         validate(compose_config(overrides))
+
+
+@pytest.mark.parametrize(("override", "message"), [("+anything=1", "'anything' is not a setting"),
+                                                   ("+lr=1e-3", "'lr' is not a setting of tsft"),
+                                                   ("+sed=3", "did you mean seed?")])  # fmt: skip
+def test_added_keys_nothing_reads_are_refused_with_the_closest_known_key(override, message):
+    with pytest.raises(InputError, match=message):
+        validate(compose_config([override]))

@@ -112,8 +112,26 @@ def _check_numbers(cfg: DictConfig) -> None:
                 raise InputError(f"{dotted} must be a number (got {value!r}); e.g. {dotted}=1e-4") from None
 
 
+# Top-level keys a run reads: configs/train.yaml's own and its groups', plus the lookup tables the experiment
+# configs add (per-task λ, lengths, ...). Anything else came from a `+key=...` that nothing would read.
+EXPERIMENT_TABLES = ("table1", "table2", "table3", "analysis")
+
+
+def _check_top_level_keys(cfg: DictConfig) -> None:
+    import difflib
+
+    known = set(OmegaConf.load(CONFIG_DIR / "train.yaml")) | {p.name for p in CONFIG_DIR.iterdir() if p.is_dir()}
+    known |= set(EXPERIMENT_TABLES) | {"defaults"}
+    for key in cfg:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), sorted(known), n=1)
+            hint = f"did you mean {close[0]}?" if close else "see `python train.py --cfg job` for the keys"
+            raise InputError(f"'{key}' is not a setting of tsft, so it would be ignored; {hint}")
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise InputError on the first setting that cannot work. Cheap: no data or model is loaded."""
+    _check_top_level_keys(cfg)
     _check_numbers(cfg)
     _check_run_name(cfg.get("run_name"))
     _require(

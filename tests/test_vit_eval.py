@@ -148,3 +148,38 @@ def test_the_real_pope_questions_pair_with_their_labels_in_order():
     assert len(records) == 8910 and {r.category for r in records} == {"adversarial", "popular", "random"}
     assert {r.gold for r in records} == {"yes", "no"}
     assert sum(r.gold == "yes" for r in records) == pytest.approx(len(records) / 2, rel=0.02)  # POPE is balanced
+
+
+def test_mmbench_tsv_rotates_options_and_scores_circularly(tmp_path):
+    """Two questions in MMBench's TSV layout (images inline as base64): one record per rotation; answering
+    every rotation right counts, missing one rotation loses the question under circular evaluation."""
+    import base64
+    import csv
+    import io
+
+    from PIL import Image
+
+    from tsft.eval.vit_benchmarks import read_mmbench, score
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 200, 30)).save(buffer, format="PNG")
+    image = base64.b64encode(buffer.getvalue()).decode()
+    (tmp_path / "mmbench").mkdir()
+    with open(tmp_path / "mmbench" / "mmbench_dev_20230712.tsv", "w", newline="") as out:
+        writer = csv.writer(out, delimiter="\t")
+        writer.writerow(["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image"])
+        writer.writerow([7, "Colour?", "nan", "red", "green", "blue", "nan", "B", "x", image])
+        writer.writerow([8, "Shape?", "A hint.", "square", "circle", "nan", "nan", "A", "x", image])
+    records = read_mmbench(tmp_path, None)
+    assert len(records) == 3 + 2
+    assert (
+        records[0].question
+        == "Colour?\nA. red\nB. green\nC. blue\nAnswer with the option's letter from the given choices directly."
+    )
+    assert records[3].question.startswith("A hint.\nShape?\nA. square\nB. circle")
+    right = [r.gold["answer"] for r in records]
+    assert right == ["B", "A", "C", "A", "B"]  # green moves with each rotation
+    assert score("mmbench", records, right, tmp_path)["score"] == 100.0
+    one_wrong = right[:4] + ["A"]  # question 8's second rotation answered wrong
+    result = score("mmbench", records, one_wrong, tmp_path)
+    assert result["score"] == 50.0 and result["accuracy"] == pytest.approx(4 / 5)

@@ -182,6 +182,15 @@ def write_benchmarks(data, images=3):
         {"question_id": i, "image": f"{i}.jpg", "text": "What is this?", "category": "default"} for i in range(images)
     ]
     (eval_dir / "vizwiz" / "llava_test.jsonl").write_text("\n".join(json.dumps(r) for r in vizwiz))
+    import base64
+    import io
+
+    png = io.BytesIO()
+    Image.new("RGB", (30, 30), (5, 5, 5)).save(png, format="PNG")
+    (eval_dir / "mmbench").mkdir()
+    row = ["1", "Which?", "nan", "one", "two", "nan", "nan", "A", "x", base64.b64encode(png.getvalue()).decode()]
+    header = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image"]
+    (eval_dir / "mmbench" / "mmbench_dev_20230712.tsv").write_text("\t".join(header) + "\n" + "\t".join(row) + "\n")
     return "vlm/eval/img"
 
 
@@ -192,7 +201,7 @@ def test_the_benchmark_loop_generates_scores_and_writes_submissions_end_to_end(t
     data = write_captions(tmp_path / "data")
     images = write_benchmarks(data)
     extra = [
-        "task.benchmarks=[pope,scienceqa,vizwiz,gqa]",
+        "task.benchmarks=[pope,scienceqa,vizwiz,gqa,mmbench]",
         f"task.benchmark_images={{pope: {images}, scienceqa: {images}, vizwiz: {images}, gqa: {images}}}",
         "task.max_new_tokens=4",
         "trainer.max_steps=2",
@@ -206,3 +215,4 @@ def test_the_benchmark_loop_generates_scores_and_writes_submissions_end_to_end(t
     submission = json.loads((run_dir / "vizwiz_submission.json").read_text())
     assert [row["image"] for row in submission] == ["0.jpg", "1.jpg", "2.jpg"]
     assert bench["gqa"]["skipped"].startswith("no question file")
+    assert bench["mmbench"]["records"] == 2 and bench["mmbench"]["questions"] == 1  # two rotations of one question

@@ -285,7 +285,8 @@ class VitDataModule(L.LightningDataModule):
         from torch.utils.data import DataLoader
 
         records = self.benchmarks[name]
-        folder = self.data_dir / self.task.benchmark_images[name]
+        # MMBench's images come decoded from its question file, as absolute paths the join leaves as they are
+        folder = self.data_dir / ((self.task.get("benchmark_images") or {}).get(name) or "")
 
         def make(index: int) -> dict[str, Any]:
             record = records[index]

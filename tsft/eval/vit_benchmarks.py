@@ -4,7 +4,8 @@ Each benchmark reads LLaVA-1.5's own question file under ``<data_dir>/vlm/eval/`
 under ``task.benchmark_images.<name>`` (relative to data_dir). A benchmark is evaluated only when its question
 file and every image it needs are there; otherwise result.json says why it was skipped (the benchmark images
 are not on this machine, so here only the tests' generated ones are). Gold answers come from the files that
-hold them (ScienceQA: the question file; POPE: the COCO label files); splits whose answers an evaluation server
+hold them (ScienceQA and MMBench dev: the question file; POPE: the COCO label files; MMBench's images are inline
+in its TSV, so it needs no image folder); splits whose answers an evaluation server
 keeps (VQAv2 test-dev, VizWiz test, MMBench test) write that server's submission file instead of a score, and
 benchmarks whose answers are in files not shipped with the question file (GQA, TextVQA) are scored when
 ``task.benchmark_answers.<name>`` names them.
@@ -68,6 +69,42 @@ def read_scienceqa(eval_dir: Path, answers: Optional[Path]) -> list[Record]:
     return out
 
 
+MMBENCH_FILE = "mmbench/mmbench_dev_20230712.tsv"
+
+
+def read_mmbench(eval_dir: Path, answers: Optional[Path], file: str = MMBENCH_FILE) -> list[Record]:
+    """MMBench's TSV (one row per question, its image inline as base64), as LLaVA's model_vqa_mmbench reads it
+    with --all-rounds: one record per rotation of the options, prompt = hint, question, lettered options and
+    the letter instruction. Images are decoded once into a temporary folder. Rows without an ``answer`` column
+    (the test split) go to the evaluation server."""
+    import base64
+    import csv
+    import hashlib
+    import sys
+    import tempfile
+
+    csv.field_size_limit(sys.maxsize)  # the base64 images exceed csv's default field limit
+    path = eval_dir / file
+    images = Path(tempfile.gettempdir()) / "tsft-mmbench" / hashlib.sha1(str(path).encode()).hexdigest()[:12]
+    images.mkdir(parents=True, exist_ok=True)
+    records = []
+    with open(path, newline="", encoding="utf-8") as table:
+        for row in csv.DictReader(table, delimiter="\t"):
+            image = images / f"{row['index']}.png"
+            if not image.is_file():
+                image.write_bytes(base64.b64decode(row["image"]))
+            options = {c: row[c] for c in "ABCD" if row.get(c) not in (None, "", "nan")}
+            answer = row.get("answer")
+            hint = row.get("hint")
+            head = row["question"] if hint in (None, "", "nan") else f"{hint}\n{row['question']}"
+            variants = vit.rotations(options, answer) if answer in options else [(options, None)]
+            for round_id, (rotated, letter) in enumerate(variants):
+                text = head + "".join(f"\n{c}. {o}" for c, o in rotated.items()) + SCIENCEQA_SUFFIX
+                gold = None if letter is None else {"index": row["index"], "answer": letter, "options": rotated}
+                records.append(Record((row["index"], round_id), str(image), text, gold))
+    return records
+
+
 def _questions_with_answers(file: str) -> Callable[[Path, Optional[Path]], list[Record]]:
     """GQA / TextVQA style: a LLaVA question file; answers (question_id -> answer or list of 10) from ``answers``."""
 
@@ -99,7 +136,9 @@ BENCHMARKS = {
     "textvqa": Benchmark("textvqa", "textvqa/llava_textvqa_val_v051_ocr.jsonl"),
     "vizwiz": Benchmark("vizwiz", "vizwiz/llava_test.jsonl", server="vizwiz"),
     "vqav2": Benchmark("vqav2", "vqav2/llava_vqav2_mscoco_test-dev2015.jsonl", server="vqav2"),
+    "mmbench": Benchmark("mmbench", MMBENCH_FILE, read_mmbench),  # images inline; test split -> server
 }
+INLINE_IMAGES = {"mmbench"}  # benchmarks whose question file carries its images
 
 
 def available(name: str, data_dir: Path, image_dir: Optional[str], answers: Optional[str], limit: Optional[int]):
@@ -112,6 +151,8 @@ def available(name: str, data_dir: Path, image_dir: Optional[str], answers: Opti
         return None, f"no question file {eval_dir / bench.question_file}"
     answers_path = data_dir / answers if answers else None
     records = bench.read(eval_dir, answers_path)[:limit] if limit else bench.read(eval_dir, answers_path)
+    if name in INLINE_IMAGES:
+        return records, None
     if not image_dir:
         return None, f"no image folder given (task.benchmark_images.{name})"
     missing = [r.image for r in records if r.image and not (data_dir / image_dir / r.image).is_file()]
@@ -136,6 +177,15 @@ def score(name: str, records: list[Record], predictions: list[str], out_dir: Pat
         )
         f1 = sum(s["f1"] for s in splits.values()) / len(splits)
         return {"score": 100 * f1, "splits": splits, "records": len(records)}  # LLaVA reports F1 over the splits
+    if name == "mmbench":
+        if any(r.gold is None for r in records):  # the test split: answers on the server
+            rows = [{"index": r.key[0], "prediction": p} for r, p in zip(records, predictions)]
+            return {"submission": str(vit.submission("mmbench", rows, out_dir / "mmbench_submission.json"))}
+        scores = vit.mmbench_circular(
+            {"index": r.gold["index"], "prediction": p, "options": r.gold["options"], "answer": r.gold["answer"]}
+            for r, p in zip(records, predictions)
+        )
+        return {"score": 100 * scores["circular_accuracy"], **scores, "records": len(records)}
     if name == "scienceqa":
         letters = [vit.scienceqa_letter(p, vit.scienceqa_options(r.question)) for r, p in zip(records, predictions)]
         correct = sum(letter == r.gold for letter, r in zip(letters, records))

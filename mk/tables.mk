@@ -1,6 +1,6 @@
 # Paper tables: run a grid (resumable) and aggregate it into results/tables/. Included by the Makefile.
 #
-#   make table3 PRESET=cpu JOBS=2   GLUE, 4 tasks x 6 methods x 3 seeds, MiniLM-L6 on 2 CPU cores (~4.4 h), then aggregate
+#   make table3 PRESET=cpu JOBS=2   GLUE, 4 tasks x 6 methods x 3 seeds, MiniLM-L6 on 2 CPU cores (~4.4 h of runs at their measured 400-500 s), then aggregate
 #   make table3                     the paper's Table 3 grid (DeBERTaV3-base, Table 6, 3 seeds): needs a GPU
 #   make table2 [PRESET=cpu]        Table 2: LLaVA-1.5-7B (GPU); PRESET=cpu: the tiny LLaVA on 707 captioned images
 #   make table1 [PRESET=cpu]        the CSR grid of Table 1 (LLaMA-3.1-8B; PRESET=cpu: the CSR helper's small model)

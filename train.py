@@ -9,7 +9,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from tsft.config import check_group_choices, with_implied_groups
+from tsft.config import check_group_choices, check_override_keys, with_implied_groups
 from tsft.errors import InputError
 
 
@@ -29,6 +29,7 @@ def main(cfg: DictConfig) -> float | None:
 if __name__ == "__main__":
     try:
         check_group_choices(sys.argv[1:])
+        check_override_keys(sys.argv[1:])
         sys.argv[1:] = with_implied_groups(sys.argv[1:])  # before Hydra parses the command line
     except InputError as err:
         sys.exit(f"error: {err}")

@@ -7,10 +7,12 @@ import signal
 
 import pytest
 import torch
+import yaml
 from lightning.pytorch.callbacks import Callback
 
 import tsft.paths
 import tsft.pipeline
+from tsft.errors import InputError
 from tsft.pipeline import run
 
 from .helpers import compose_config, tiny_overrides
@@ -55,6 +57,9 @@ def test_result_json_follows_the_contract(tiny):
     assert result["sparsity"] is None and result["config"]["seed"] == 7
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert (run_dir / "logs" / "version_0" / "metrics.csv").is_file()
+    # the composed config and the log live with the run (Hydra writes nothing of its own)
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["seed"] == 7
+    assert "result: glue/rte lora (tiny-bert): accuracy=" in (run_dir / "train.log").read_text()
 
 
 def test_training_learns_a_learnable_task(tiny):
@@ -142,6 +147,16 @@ def test_interrupted_run_leaves_no_result(tiny, tmp_path, interrupt_after_epoch)
     assert (run_dirs[0] / "checkpoints" / "last.ckpt").is_file()
 
 
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing(tiny, tmp_path, monkeypatch):
+    def fail_in_fit(*args, **kwargs):
+        raise RuntimeError("out of memory in the first step")
+
+    monkeypatch.setattr(tsft.pipeline.L.Trainer, "fit", fail_in_fit)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        run(tiny())
+    assert list((tmp_path / "results" / "runs" / "glue" / "rte").iterdir()) == []
+
+
 def trained_tensors(ckpt_path) -> dict[str, torch.Tensor]:
     return torch.load(ckpt_path, weights_only=False)["state_dict"]
 
@@ -224,3 +239,13 @@ def test_create_run_dir_refuses_a_name_that_leaves_its_parent(tmp_path):
     with pytest.raises(ValueError, match="would not be inside"):
         tsft.paths.create_run_dir(tmp_path / "runs" / "rte", "../../outside")
     assert not (tmp_path / "outside").exists() and not (tmp_path / "runs").exists()
+
+
+def test_a_resume_may_change_only_the_settings_it_names(tiny):
+    first_dir, _ = run(tiny("trainer.max_steps=-1", "trainer.max_epochs=1"))
+    resume = ["trainer.max_steps=-1", "trainer.max_epochs=2", f"ckpt_path={first_dir / 'checkpoints' / 'last.ckpt'}"]
+    with pytest.raises(InputError, match=r"other settings: trainer.max_epochs 1 -> 2;"):
+        run(tiny(*resume))
+    _, result = run(tiny(*resume, "resume.allow_changes=[trainer.max_epochs]"))
+    assert result["resume"]["allowed_changes"] == {"trainer.max_epochs": [1, 2]}
+    assert result["scale"]["epochs"] == 2

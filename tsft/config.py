@@ -10,6 +10,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from tsft.errors import InputError
+from tsft.paths import check_results_dir
 
 # heads: no PEFT layer, only model.head_modules train (LLaVA stage 1, the projector warm-up)
 PEFT_METHODS = ("lora", "dora", "adalora", "adapter", "heads")
@@ -46,6 +47,55 @@ def check_group_choices(overrides: list[str], config_dir: Path = CONFIG_DIR) -> 
         for option in value.split(","):
             if option not in available and option != "null":
                 raise InputError(f"unknown {key} '{option}'; choose one of: {', '.join(available)}")
+
+
+def known_setting_keys(config_dir: Path = CONFIG_DIR) -> set[str]:
+    """Every dotted key some config file defines (train.yaml, each group's options under the group's name,
+    the ``@package _global_`` experiments at the top): a superset of any composed config's keys."""
+    known: set[str] = set()
+
+    def add(prefix: str, node: Any) -> None:
+        if not isinstance(node, dict):
+            return
+        for key, value in node.items():
+            if key in ("defaults", "hydra") and not prefix:
+                continue
+            dotted = f"{prefix}.{key}" if prefix else str(key)
+            known.add(dotted)
+            add(dotted, value)
+
+    add("", OmegaConf.to_container(OmegaConf.load(config_dir / "train.yaml")))
+    for group_dir in (p for p in config_dir.iterdir() if p.is_dir()):
+        known.add(group_dir.name)
+        for file in group_dir.rglob("*.yaml"):
+            package = "" if "@package _global_" in file.read_text() else group_dir.name
+            add(package, OmegaConf.to_container(OmegaConf.load(file)))
+    return known
+
+
+def check_override_keys(overrides: list[str], config_dir: Path = CONFIG_DIR) -> None:
+    """Reject ``key=value`` for a key no config defines, naming the closest known keys on one line.
+
+    Hydra refuses these too, over six lines and without a suggestion. Keys added with ``+`` are left to
+    ``validate`` (which refuses top-level ones nothing reads); ``hydra.*`` and group choices pass.
+    """
+    import difflib
+
+    known: set[str] | None = None
+    for override in overrides:
+        key, sep, _ = override.partition("=")
+        if not sep or override.startswith(("+", "~", "-")) or "/" in key or "@" in key or key.startswith("hydra"):
+            continue
+        known = known if known is not None else known_setting_keys(config_dir)
+        if key in known:
+            continue
+        leaf = key.rpartition(".")[2]
+        same_leaf = sorted(k for k in known if k.rpartition(".")[2] == leaf and k != key)
+        close = difflib.get_close_matches(key, same_leaf, n=2, cutoff=0) or difflib.get_close_matches(
+            key, sorted(known), n=2, cutoff=0.8
+        )
+        hint = f"did you mean {' or '.join(close)}?" if close else "see `python train.py --cfg job` for the keys"
+        raise InputError(f"'{key}' is not a setting of tsft; {hint} (a new key is added with +{key}=...)")
 
 
 def with_implied_groups(overrides: list[str]) -> list[str]:
@@ -138,6 +188,13 @@ def validate(cfg: DictConfig) -> None:
         not cfg.get("skip_existing") or bool(cfg.get("run_name")),
         "skip_existing=true finds a finished run by its name, and this run has none; set run_name=<name>",
     )
+    check_results_dir(cfg.paths)
+    _require(0 <= cfg.seed < 2**32, f"seed must lie in [0, 2**32) (got {cfg.seed}); e.g. seed=1")
+    every = cfg.checkpoint.get("every_n_train_steps")
+    _require(
+        every is None or (isinstance(every, int) and every > 0),
+        f"checkpoint.every_n_train_steps must be null or a positive integer (got {every})",
+    )
     _check_optim(cfg.optim)
     _check_task(cfg.task)
     _check_peft(cfg.peft)
@@ -180,6 +237,12 @@ def _check_task(task: DictConfig) -> None:
     for key in ("train_limit", "eval_limit"):
         value = task.get(key)
         _require(value is None or value > 0, f"task.{key} must be null or > 0 (got {value})")
+    for key in ("num_beams", "max_new_tokens"):  # generation (CSR, VIT): checked now, not after training
+        value = task.get(key)
+        _require(
+            value is None or (isinstance(value, int) and value > 0),
+            f"task.{key} must be a positive integer (got {value}); e.g. task.{key}=1",
+        )
 
 
 def _check_peft(peft: DictConfig) -> None:
@@ -242,3 +305,34 @@ def _check_trainer(trainer: DictConfig) -> None:
     for key in ("max_steps", "max_epochs"):
         value: Any = trainer.get(key)
         _require(value is None or value == -1 or value > 0, f"trainer.{key} must be > 0 or -1 (got {value})")
+    accumulate = trainer.get("accumulate_grad_batches", 1)
+    _require(accumulate >= 1, f"trainer.accumulate_grad_batches must be >= 1 (got {accumulate})")
+    _check_precision(trainer.get("precision"))
+    _check_accelerator(trainer.get("accelerator"))
+
+
+def _check_precision(precision: Any) -> None:
+    from typing import get_args
+
+    from lightning.fabric.connector import _PRECISION_INPUT
+
+    def values(literal: Any) -> list[Any]:  # the Literal[...] unions, flattened
+        return [v for arg in get_args(literal) for v in (values(arg) if get_args(arg) else [arg])]
+
+    accepted = list(dict.fromkeys(str(v) for v in values(_PRECISION_INPUT)))
+    _require(
+        precision is None or str(precision) in accepted,
+        f"trainer.precision '{precision}' is not one of {', '.join(accepted)}; e.g. trainer.precision=bf16-mixed",
+    )
+
+
+def _check_accelerator(accelerator: Any) -> None:
+    import torch
+
+    if accelerator in ("gpu", "cuda"):
+        _require(
+            torch.cuda.is_available(),
+            f"trainer.accelerator={accelerator} but torch sees no CUDA device here; use trainer=cpu",
+        )
+    elif accelerator == "mps":
+        _require(torch.backends.mps.is_available(), "trainer.accelerator=mps but MPS is not available; use trainer=cpu")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -38,6 +39,21 @@ def task_runs_dir(paths: Mapping[str, Any], task_name: str) -> Path:
     return task_dir
 
 
+def check_results_dir(paths_cfg: Mapping[str, Any]) -> None:
+    """Refuse a results_dir that cannot be created or written, before any work (mkdir would fail after training
+    set-up otherwise): it, or its nearest existing ancestor, must be a writable directory."""
+    target = resolve(paths_cfg["results_dir"])
+    existing = next(p for p in (target, *target.parents) if p.exists())
+    if not existing.is_dir():
+        raise InputError(
+            f"paths.results_dir {target} lies under {existing}, which is a file; set paths.results_dir=<a directory>"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(
+            f"paths.results_dir {target} is not writable ({existing} is not); set paths.results_dir=<a writable dir>"
+        )
+
+
 def create_run_dir(parent: Path, base_name: str) -> Path:
     """Create ``parent/<base_name>-<timestamp>`` exclusively, adding a random suffix on a clash.
 
@@ -55,6 +71,14 @@ def create_run_dir(parent: Path, base_name: str) -> Path:
             return candidate
         except FileExistsError:
             candidate = parent / f"{name}-{secrets.token_hex(2)}"
+
+
+def discard_if_unfinished(run_dir: Path) -> None:
+    """Remove a run directory that holds neither a result nor a checkpoint to resume from: a run that failed
+    in set-up or early training leaves nothing half-written behind (one with a checkpoint stays, for ckpt_path=)."""
+    if (run_dir / RESULT_FILENAME).exists() or any((run_dir / CHECKPOINTS_SUBDIR).glob("*.ckpt")):
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def run_dir_of_checkpoint(ckpt_path: str | os.PathLike) -> Path | None:

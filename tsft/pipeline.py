@@ -12,6 +12,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from tsft import paths
 from tsft.analysis.selection import apply_selection
+from tsft.checkpoint import checked_checkpoint, run_settings
 from tsft.config import method_name, run_base_name, validate
 from tsft.data.csr import TEST_SETS, CSRDataModule
 from tsft.data.glue import GlueDataModule
@@ -37,8 +39,10 @@ from tsft.lit.causal_lm import CausalLMModule
 from tsft.lit.classification import SequenceClassificationModule
 from tsft.lit.progress import StepProgressBar
 from tsft.models import build_peft_model, load_tokenizer
+from tsft.models.backbone import check_max_length
 from tsft.report.grid import finished_result
-from tsft.report.result import make_result, write_result
+from tsft.report.result import make_result, summary_line, write_result
+from tsft.run_files import log_to_run_dir, record_inputs
 
 log = logging.getLogger(__name__)
 RUN_DIR_ENV = "TSFT_RUN_DIR"
@@ -168,8 +172,9 @@ def run(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
         log.info("skipping: %s is a finished run of this configuration", finished.parent)
         return finished.parent, json.loads(finished.read_text())
     family = task_family(cfg)
-    ckpt_path = checked_checkpoint(cfg.ckpt_path)
+    ckpt_path, allowed_changes = checked_checkpoint(cfg)
 
+    check_max_length(cfg.model, cfg.task.max_length)
     tokenizer = load_tokenizer(cfg.model, paths.cache_dir(cfg.paths))
     datamodule = family.datamodule(cfg, tokenizer)
     datamodule.setup("fit")  # reads (and checks) the data now, not after the Trainer starts
@@ -179,11 +184,22 @@ def run(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
         cfg, tokenizer, family.auto_class, family.peft_task_type, planned_steps, **family.model_kwargs(cfg)
     )
     module = family.lightning_module(cfg, model, datamodule)
+    module.run_settings = run_settings(cfg)  # saved in its checkpoints, compared when one is resumed
 
+    is_first_rank = RUN_DIR_ENV not in os.environ  # DDP's other ranks inherit rank 0's directory
     run_dir = shared_run_dir(cfg, ckpt_path)
     try:
         extras = {"selection": selection} if selection is not None else {}
-        result = fit_and_evaluate(cfg, family, module, datamodule, run_dir, ckpt_path, extras)
+        if ckpt_path is not None:  # a resumed run says from where, and which settings it was allowed to change
+            extras["resume"] = {"ckpt_path": ckpt_path, "allowed_changes": allowed_changes}
+        if is_first_rank:
+            record_inputs(cfg, run_dir)
+        with log_to_run_dir(run_dir) if is_first_rank else nullcontext():
+            result = fit_and_evaluate(cfg, family, module, datamodule, run_dir, ckpt_path, extras)
+    except BaseException:  # also Ctrl-C and sys.exit: a run that stopped before its first checkpoint goes
+        if is_first_rank:
+            paths.discard_if_unfinished(run_dir)
+        raise
     finally:
         os.environ.pop(RUN_DIR_ENV, None)  # the next run of a sweep gets its own directory
     return run_dir, result
@@ -233,6 +249,7 @@ def fit_and_evaluate(
 
             save_heads(module.model, run_dir)
         write_result(run_dir / paths.RESULT_FILENAME, result)
+        log.info("result: %s", summary_line(result))  # train.log ends with what the run measured
     if cfg.logger.kind == "wandb":
         import wandb
 
@@ -244,15 +261,6 @@ def task_family(cfg: DictConfig) -> TaskFamily:
     if cfg.task.family not in FAMILIES:
         raise InputError(f"task.family '{cfg.task.family}' is not one of {', '.join(FAMILIES)}")
     return FAMILIES[cfg.task.family]
-
-
-def checked_checkpoint(ckpt_path: str | None) -> str | None:
-    if ckpt_path is None:
-        return None
-    path = paths.resolve(ckpt_path)
-    if not path.is_file():
-        raise InputError(f"ckpt_path {path} does not exist; pass a .ckpt file from <run_dir>/checkpoints/")
-    return str(path)
 
 
 def shared_run_dir(cfg: DictConfig, ckpt_path: str | None) -> Path:

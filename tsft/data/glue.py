@@ -146,6 +146,10 @@ def load_local(task_dir: Path, fmt: GlueFormat, train_file: str) -> dict[str, li
 def load_hub(glue_task: str, fmt: GlueFormat, cache_dir: Path) -> dict[str, list[Example]]:
     import datasets
 
+    from tsft.hub import hub_reachable, use_local_files_only
+
+    if not hub_reachable():  # a cached copy still loads; otherwise fail now, not after the hub's retries
+        use_local_files_only()
     hub = datasets.load_dataset(HUB_DATASET, glue_task, cache_dir=str(cache_dir / "datasets"))
     col_a, col_b = fmt.hub_text
     hub_split = {"train": "train", **{s: "validation" + eval_split_suffix(s) for s in fmt.dev_splits}}

@@ -21,6 +21,7 @@ from peft.tuners.adalora import AdaLoraModel
 from torch import nn
 from transformers import get_linear_schedule_with_warmup
 
+from tsft.checkpoint import SETTINGS_KEY
 from tsft.errors import InputError
 from tsft.models.peft_methods import adalora_schedule, find_adalora
 
@@ -36,6 +37,7 @@ class PeftModule(L.LightningModule):
         # Checkpoints leave out the frozen backbone (rebuilt from its source); on_load_checkpoint
         # checks that every trainable tensor is there instead.
         self.strict_loading = False
+        self.run_settings: dict[str, Any] | None = None  # set by the pipeline (tsft.checkpoint.run_settings)
 
     @property
     def adalora(self) -> AdaLoraModel | None:
@@ -87,6 +89,8 @@ class PeftModule(L.LightningModule):
         keep = self._trained_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["rng_states"] = _collect_rng_states()
+        if self.run_settings is not None:
+            checkpoint[SETTINGS_KEY] = self.run_settings
         if self.adalora is not None:
             allocator = self.adalora.rankallocator
             checkpoint["adalora"] = {

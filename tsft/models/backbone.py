@@ -17,6 +17,7 @@ from torch import nn
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from tsft.errors import InputError
+from tsft.hub import hub_reachable, use_local_files_only
 
 PACKAGE_PREFIX = "pkg:"
 
@@ -61,6 +62,32 @@ def resolve_source(spec: str) -> str:
     return str(local) if local.exists() else spec
 
 
+def position_limit(model_cfg: DictConfig) -> int | None:
+    """The number of positions the model embeds, read from its config alone (no weights); None when the
+    config is not at hand without a download or a conversion."""
+    import json
+
+    if model_cfg.random_init:
+        settings = OmegaConf.to_container(model_cfg.random_init, resolve=True)
+    else:
+        config_file = Path(resolve_source(str(model_cfg.path or ""))) / "config.json"
+        if not config_file.is_file():
+            return None
+        settings = json.loads(config_file.read_text())
+    text = settings.get("text_config") or settings  # LLaVA: the language model's positions
+    return text.get("max_position_embeddings")
+
+
+def check_max_length(model_cfg: DictConfig, max_length: int) -> None:
+    """Refuse a sequence length beyond the model's positions now (it would fail inside fit)."""
+    limit = position_limit(model_cfg)
+    if limit is not None and max_length > limit:
+        raise InputError(
+            f"task.max_length {max_length} exceeds the {limit} positions of model '{model_cfg.name}'; "
+            f"set task.max_length={limit} or less"
+        )
+
+
 def load_tokenizer(model_cfg: DictConfig, cache_dir: Path) -> PreTrainedTokenizerBase:
     source = model_cfg.tokenizer or model_cfg.path
     if not source:
@@ -97,6 +124,8 @@ def load_backbone(
 
 def _from_pretrained(auto_class: Any, spec: str, model_name: str, cache_dir: Path, **kwargs: Any) -> Any:
     source = resolve_source(spec)
+    if not Path(source).exists() and not hub_reachable():  # a hub id on an offline machine: the cache or nothing
+        use_local_files_only()
     try:
         return auto_class.from_pretrained(source, cache_dir=str(cache_dir / "models"), **kwargs)
     except OSError as err:  # missing folder/files, or the hub unreachable

@@ -36,13 +36,30 @@ def scoped_targets(model: nn.Module, suffixes: list[str], scope: str | None) -> 
 
 def check_targets_exist(model: nn.Module, module_names: list[str], model_cfg: DictConfig) -> None:
     """Fail before training if a target matches no module (peft would say so mid-construction)."""
-    names = [n for n, _ in model.named_modules()]
+    logical = ", ".join(f"{k}={v}" for k, v in model_cfg.targets.items())
     for target in module_names:
-        if not any(n == target or n.endswith(f".{target}") for n in names):
-            logical = ", ".join(f"{k}={v}" for k, v in model_cfg.targets.items())
+        if not _matching(model, target):
             raise InputError(
                 f"target module '{target}' matches no module of model '{model_cfg.name}'; "
                 f"use logical names from model.targets ({logical}) in peft.target_modules"
+            )
+
+
+def _matching(model: nn.Module, target: str) -> list[nn.Module]:
+    return [m for n, m in model.named_modules() if n == target or n.endswith(f".{target}")]
+
+
+def check_targets_are_linear(model: nn.Module, module_names: list[str], model_cfg: DictConfig) -> None:
+    """Every method here (and the token gate) adapts a linear map y = Wx; GPT-2 style models spell it Conv1D."""
+    from transformers.pytorch_utils import Conv1D
+
+    logical = ", ".join(f"{k}={v}" for k, v in model_cfg.targets.items())
+    for target in module_names:
+        other = next((m for m in _matching(model, target) if not isinstance(m, (nn.Linear, Conv1D))), None)
+        if other is not None:
+            raise InputError(
+                f"target module '{target}' of model '{model_cfg.name}' is of type {type(other).__name__}, and the PEFT "
+                f"methods adapt Linear layers only; target linear layers ({logical})"
             )
 
 
@@ -57,6 +74,7 @@ def apply_peft(
         return _heads_only(model, list(model_cfg.head_modules), model_cfg.name)
     targets = resolve_target_modules(peft_cfg.target_modules, model_cfg.targets)
     check_targets_exist(model, targets, model_cfg)
+    check_targets_are_linear(model, targets, model_cfg)
     targets = scoped_targets(model, targets, model_cfg.get("target_scope"))
     head = list(model_cfg.head_modules)
     if peft_cfg.name in ("lora", "dora"):

@@ -15,13 +15,17 @@ from tsft.errors import InputError
 
 @hydra.main(config_path="configs", config_name="train", version_base=None)
 def main(cfg: DictConfig) -> float | None:
-    from tsft.pipeline import run  # torch & co. load after the override check has passed
+    from tsft.lit.stopping import RunStopped  # torch & co. load after the override check has passed
+    from tsft.pipeline import run
     from tsft.report.result import summary_line
 
     try:
         run_dir, result = run(cfg)
     except InputError as err:
         sys.exit(f"error: {err}")
+    except RunStopped as stop:  # SIGTERM / Ctrl-C: say where to resume, exit 128 + the signal's number
+        print(f"error: {stop}", file=sys.stderr)
+        sys.exit(stop.exit_status)
     print(f"{summary_line(result)} -> {run_dir}/result.json")
     return result["score"]  # the objective for sweepers
 

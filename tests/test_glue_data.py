@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from tsft.data.glue import FORMATS, EpochSeededSampler, GlueDataModule, fixed_subset, load_local, read_glue_tsv
+from tsft.data.glue import FORMATS, GlueDataModule, fixed_subset, load_local, read_glue_tsv
+from tsft.data.loading import EpochSeededSampler
 from tsft.errors import InputError
 from tsft.models import resolve_source
 

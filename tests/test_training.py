@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 
 import pytest
@@ -13,6 +14,7 @@ from lightning.pytorch.callbacks import Callback
 import tsft.paths
 import tsft.pipeline
 from tsft.errors import InputError
+from tsft.lit.stopping import RunStopped
 from tsft.pipeline import run
 
 from .helpers import compose_config, tiny_overrides
@@ -82,18 +84,37 @@ def test_stsb_regression_reports_pearson_and_spearman(tmp_path, tiny):
     assert -1 <= result["metrics"]["pearson"] <= 1 and result["score"] == 100 * result["metrics"]["pearson"]
 
 
-def test_mnli_evaluates_matched_and_mismatched(tmp_path, tiny):
-    mnli = tmp_path / "data" / "glue" / "MNLI"
+def write_mnli(folder, files=("train.tsv", "dev_matched.tsv", "dev_mismatched.tsv")) -> None:
     labels = ["entailment", "neutral", "contradiction"]
-    for name, dev in (("train.tsv", False), ("dev_matched.tsv", True), ("dev_mismatched.tsv", True)):
+    for name in files:
+        dev = name != "train.tsv"
         header = MNLI_DEV_HEADER if dev else MNLI_TRAIN_HEADER
         rows = [mnli_row(i, f"Premise {i}.", f"Hypothesis {i % 3}.", labels[i % 3], dev) for i in range(12)]
-        (mnli / name).parent.mkdir(parents=True, exist_ok=True)
-        (mnli / name).write_text("\n".join([header, *rows]) + "\n")
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text("\n".join([header, *rows]) + "\n")
+
+
+def test_mnli_evaluates_matched_and_mismatched(tmp_path, tiny):
+    write_mnli(tmp_path / "data" / "glue" / "MNLI")
     _, result = run(tiny("task=glue/mnli", "task.max_length=32", "task.batch_size=4", "checkpoint.enabled=false"))
     assert set(result["metrics"]) == {"accuracy_matched", "accuracy_mismatched"}
     assert result["score"] == 100 * result["metrics"]["accuracy_matched"]
     assert result["scale"]["eval_examples"] == 24
+
+
+def test_mnli_without_its_mismatched_file_evaluates_matched_only(tmp_path, tiny):
+    write_mnli(tmp_path / "data" / "glue" / "MNLI", files=("train.tsv", "dev_matched.tsv"))
+    _, result = run(tiny("task=glue/mnli", "task.max_length=32", "task.batch_size=4", "checkpoint.enabled=false"))
+    assert set(result["metrics"]) == {"accuracy_matched"} and result["scale"]["eval_examples"] == 12
+
+
+def test_malformed_rows_are_skipped_and_counted_when_asked(tiny, data_dir):
+    with open(data_dir / "glue" / "RTE" / "train.tsv", "a") as f:
+        f.write("98\tonly a premise\n99\ta\tb\tmaybe\n")
+    with pytest.raises(InputError, match="line 34: expected at least 4 tab-separated fields"):
+        run(tiny())
+    _, result = run(tiny("task.skip_malformed_rows=true"))
+    assert result["skipped_rows"] == {"train.tsv": 2, "dev.tsv": 0} and result["scale"]["train_examples"] == 32
 
 
 def test_identical_runs_never_share_a_directory(tiny):
@@ -194,6 +215,72 @@ def test_resume_from_checkpoint_continues_exactly(tiny, peft, monkeypatch, inter
         ckpt = torch.load(resumed_dir / "checkpoints" / "last.ckpt", weights_only=False)
         kept = [sum(mask) for mask in ckpt["adalora"]["rank_pattern"].values()]
         assert sum(kept) < 6 * len(kept)  # ranks were pruned below init_r
+
+
+class SignalAtStep(Callback):
+    """Send this process ``signum`` once the given optimizer step is done (a scheduler's SIGTERM, a Ctrl-C)."""
+
+    def __init__(self, step: int, signum: int) -> None:
+        self.step, self.signum = step, signum
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+@pytest.fixture
+def signal_at_step(monkeypatch):
+    build = tsft.pipeline.build_callbacks
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def arm(step: int, signum: int) -> None:
+        monkeypatch.setattr(
+            tsft.pipeline, "build_callbacks", lambda cfg, run_dir: [*build(cfg, run_dir), SignalAtStep(step, signum)]
+        )
+
+    yield arm
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
+
+
+@pytest.mark.parametrize(
+    ("peft", "signum"),
+    [("lora", signal.SIGTERM), ("ts-lora", signal.SIGTERM), ("dora", signal.SIGTERM), ("adalora", signal.SIGTERM),
+     ("adapter", signal.SIGTERM), ("lora", signal.SIGINT)],
+)  # fmt: skip
+def test_a_signal_mid_epoch_saves_a_checkpoint_that_resumes_exactly(tiny, peft, signum, monkeypatch, signal_at_step):
+    # 4 steps an epoch, 2 epochs; the signal comes after step 2, in the middle of epoch 0
+    settings = ["trainer.max_steps=-1", "trainer.max_epochs=2", "peft.dropout=0.3", "optim.lr=1e-2"]
+    settings += ["peft=lora", "sparsity=ts", "sparsity.lambda=1e-3"] if peft == "ts-lora" else [f"peft={peft}"]
+    if peft == "adalora":
+        settings += ["peft.deltaT=1", "peft.tfinal_ratio=0.25"]
+    straight_dir, straight = run(tiny(*settings))
+
+    signal_at_step(2, signum)
+    with pytest.raises(RunStopped) as stopped:
+        run(tiny(*settings))
+    monkeypatch.undo()
+    (stopped_dir,) = [d for d in straight_dir.parent.iterdir() if d != straight_dir]
+    name = signal.Signals(signum).name
+    assert (
+        str(stopped.value)
+        == f"{name} stopped training after step 2; resume with ckpt_path={stopped_dir}/checkpoints/last.ckpt"
+    )
+    assert stopped.value.exit_status == 128 + signum and not (stopped_dir / "result.json").exists()
+    assert torch.load(stopped_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+
+    resumed_dir, resumed = run(tiny(*settings, f"ckpt_path={stopped_dir}/checkpoints/last.ckpt"))
+    expected = trained_tensors(straight_dir / "checkpoints" / "last.ckpt")
+    actual = trained_tensors(resumed_dir / "checkpoints" / "last.ckpt")
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        assert torch.equal(expected[key], actual[key]), key
+    assert resumed["metrics"] == straight["metrics"]
+
+
+def test_training_ends_with_a_checkpoint_whatever_the_save_interval(tiny):
+    run_dir, _ = run(tiny("trainer.max_steps=7", "trainer.max_epochs=-1", "checkpoint.every_n_train_steps=3"))
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 7
 
 
 def test_token_gates_are_attached_when_sparsity_is_on(tiny):

@@ -21,6 +21,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -38,6 +39,7 @@ from tsft.lit.base import PeftModule
 from tsft.lit.causal_lm import CausalLMModule
 from tsft.lit.classification import SequenceClassificationModule
 from tsft.lit.progress import StepProgressBar
+from tsft.lit.stopping import StopCheckpoints
 from tsft.models import build_peft_model, load_tokenizer
 from tsft.models.backbone import check_max_length
 from tsft.report.grid import finished_result
@@ -86,7 +88,8 @@ GLUE = TaskFamily(
     score=_glue_score,
     # the chance line of the evaluated dev examples (headline split: MNLI's matched), for the tables
     result_extras=lambda cfg, data: {
-        "trivial_score": trivial_score(cfg.task.glue_task, [ex.label for ex in data.splits[data.eval_splits[0]]])
+        **({"skipped_rows": {f: len(rows) for f, rows in data.skipped.items()}} if data.skipped is not None else {}),
+        "trivial_score": trivial_score(cfg.task.glue_task, [ex.label for ex in data.splits[data.eval_splits[0]]]),
     },
 )
 
@@ -223,9 +226,13 @@ def fit_and_evaluate(
         default_root_dir=str(run_dir),
     )
     started = time.monotonic()
-    # Ctrl-C or an error ends the process inside fit (Lightning exits on KeyboardInterrupt), so an
-    # interrupted run never reaches write_result; its checkpoints stay for ckpt_path=... .
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    # A signal (SIGTERM, a first Ctrl-C) stops fit at a batch boundary with a checkpoint (tsft.lit.stopping);
+    # an error ends it where it is. Either way the run never reaches write_result.
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:
+        stop = next(c for c in trainer.callbacks if isinstance(c, StopCheckpoints))
+        raise stop.stop_error() from None
     getattr(trainer, family.evaluate)(module, datamodule=datamodule, verbose=False)
 
     metrics = module.eval_metrics
@@ -300,7 +307,8 @@ def planned_optimizer_steps(cfg: DictConfig, train_examples: int) -> int:
 
 
 def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[Callback]:
-    callbacks: list[Callback] = []
+    # last.ckpt at the end of training and on a signal, whatever the interval of the saves below
+    callbacks: list[Callback] = [StopCheckpoints(run_dir / paths.CHECKPOINTS_SUBDIR, cfg.checkpoint.enabled)]
     if cfg.checkpoint.enabled:
         callbacks.append(
             # One file, last.ckpt, overwritten at every save (no metric is monitored, so the

@@ -24,7 +24,8 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from tsft import paths
-from tsft.data.glue import EpochSeededSampler, fixed_subset
+from tsft.data.glue import fixed_subset
+from tsft.data.loading import training_loader
 from tsft.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -278,11 +279,12 @@ class CSRDataModule(L.LightningDataModule):
         return pad_right(examples, self.tokenizer.pad_token_id)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
+        return training_loader(
             self.train_examples,
             batch_size=self.task.batch_size,
-            sampler=EpochSeededSampler(len(self.train_examples), self.seed),
+            seed=self.seed,
             collate_fn=self._collate,
+            datamodule=self,
         )
 
     def val_dataloader(self) -> DataLoader:

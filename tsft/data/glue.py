@@ -7,6 +7,7 @@ batch and padded to the longest example in it (dynamic padding).
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from dataclasses import dataclass
@@ -16,10 +17,13 @@ from typing import Any, NamedTuple
 import lightning as L
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from tsft import paths
+from tsft.data.loading import training_loader
 from tsft.errors import InputError
+
+log = logging.getLogger(__name__)
 
 HUB_DATASET = "nyu-mll/glue"
 SUBSET_SEED = 0  # train_limit/eval_limit subsets are the same for every run seed
@@ -76,7 +80,7 @@ def eval_split_suffix(split: str) -> str:
     return split.removeprefix("dev")
 
 
-def read_glue_tsv(path: Path, fmt: GlueFormat) -> list[Example]:
+def read_glue_tsv(path: Path, fmt: GlueFormat, skipped: list[str] | None = None) -> list[Example]:
     """Parse one GLUE TSV file; any row that does not fit raises naming the file and line.
 
     Quotes are ordinary characters in GLUE's TSVs (MRPC, MNLI), so rows are split on newlines and
@@ -110,11 +114,18 @@ def read_glue_tsv(path: Path, fmt: GlueFormat) -> list[Example]:
         if not line.strip():
             continue
         fields = line.split("\t")
-        if len(fields) < needed:
-            raise InputError(
-                f"{path} line {number}: expected at least {needed} tab-separated fields, found {len(fields)}"
-            )
-        examples.append(Example(fields[a], fields[b] if b is not None else None, _label(fields[y], fmt, path, number)))
+        try:
+            if len(fields) < needed:
+                raise InputError(
+                    f"{path} line {number}: expected at least {needed} tab-separated fields, found {len(fields)}"
+                )
+            label = _label(fields[y], fmt, path, number)
+        except InputError as row_error:
+            if skipped is None:
+                raise
+            skipped.append(str(row_error))  # task.skip_malformed_rows: counted, logged, in result.json
+            continue
+        examples.append(Example(fields[a], fields[b] if b is not None else None, label))
     if not examples:
         raise InputError(f"{path}: no examples")
     return examples
@@ -135,12 +146,21 @@ def _label(raw: str, fmt: GlueFormat, path: Path, number: int) -> int | float:
     return fmt.labels.index(raw)
 
 
-def load_local(task_dir: Path, fmt: GlueFormat, train_file: str) -> dict[str, list[Example]]:
-    splits = {"train": train_file, **{s: f"{s}.tsv" for s in fmt.dev_splits}}
-    for filename in splits.values():
+def load_local(
+    task_dir: Path, fmt: GlueFormat, train_file: str, skipped: dict[str, list[str]] | None = None
+) -> dict[str, list[Example]]:
+    """The train file and the dev files that exist: the first dev split (MNLI: matched) is required, the others
+    (MNLI's mismatched) are evaluated when present. ``skipped``: file name -> the rows left out (else they refuse)."""
+    required = {"train": train_file, fmt.dev_splits[0]: f"{fmt.dev_splits[0]}.tsv"}
+    for filename in required.values():
         if not (task_dir / filename).is_file():
-            raise InputError(f"{task_dir / filename} is missing; the folder must hold {sorted(splits.values())}")
-    return {split: read_glue_tsv(task_dir / filename, fmt) for split, filename in splits.items()}
+            raise InputError(f"{task_dir / filename} is missing; the folder must hold {sorted(required.values())}")
+    optional = {s: f"{s}.tsv" for s in fmt.dev_splits[1:] if (task_dir / f"{s}.tsv").is_file()}
+    splits = {}
+    for split, filename in {**required, **optional}.items():
+        rows = None if skipped is None else skipped.setdefault(filename, [])
+        splits[split] = read_glue_tsv(task_dir / filename, fmt, rows)
+    return splits
 
 
 def load_hub(glue_task: str, fmt: GlueFormat, cache_dir: Path) -> dict[str, list[Example]]:
@@ -167,27 +187,6 @@ def fixed_subset(examples: list[Example], limit: int | None) -> list[Example]:
     return [examples[i] for i in keep]
 
 
-class EpochSeededSampler(Sampler[int]):
-    """Shuffles with a permutation that depends only on (seed, epoch).
-
-    Lightning calls ``set_epoch`` before each epoch, so a run resumed from an end-of-epoch
-    checkpoint sees the same order as an uninterrupted one.
-    """
-
-    def __init__(self, size: int, seed: int) -> None:
-        self.size, self.seed, self.epoch = size, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
-
-    def __len__(self) -> int:
-        return self.size
-
-
 class GlueDataModule(L.LightningDataModule):
     def __init__(self, task: DictConfig, tokenizer: Any, paths_cfg: DictConfig, seed: int) -> None:
         super().__init__()
@@ -198,16 +197,26 @@ class GlueDataModule(L.LightningDataModule):
         self.task_dir = paths.data_dir(paths_cfg) / "glue" / task.dir
         self.cache_dir = paths.cache_dir(paths_cfg)
         self.splits: dict[str, list[Example]] = {}
+        self.skipped: dict[str, list[str]] | None = None  # task.skip_malformed_rows: file -> rows left out
 
     @property
     def eval_splits(self) -> tuple[str, ...]:
-        return self.format.dev_splits
+        """The dev splits there are files for (MNLI without dev_mismatched.tsv: matched only)."""
+        return tuple(s for s in self.format.dev_splits if s in self.splits) if self.splits else self.format.dev_splits
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
         if self.task_dir.is_dir():
-            splits = load_local(self.task_dir, self.format, self.task.get("train_file", "train.tsv"))
+            skipping = self.task.get("skip_malformed_rows", False)
+            self.skipped = {} if skipping else None
+            splits = load_local(self.task_dir, self.format, self.task.get("train_file", "train.tsv"), self.skipped)
+            for filename, rows in (self.skipped or {}).items():
+                if rows:
+                    log.warning("%s: skipped %d malformed rows (first: %s)", filename, len(rows), rows[0])
+            missing = [s for s in self.format.dev_splits if s not in splits]
+            if missing:
+                log.warning("%s: no %s, evaluating %s only", self.task_dir, missing, list(splits)[1:])
         else:
             splits = self._load_hub_or_explain()
         self.splits = {
@@ -248,13 +257,12 @@ class GlueDataModule(L.LightningDataModule):
         return dict(encoded)
 
     def train_dataloader(self) -> DataLoader:
-        train = self.splits["train"]
-        return DataLoader(
-            train,
+        return training_loader(
+            self.splits["train"],
             batch_size=self.task.batch_size,
-            sampler=EpochSeededSampler(len(train), self.seed),
+            seed=self.seed,
             collate_fn=self.collate,
-            generator=torch.Generator().manual_seed(self.seed),  # keeps the global RNG untouched
+            datamodule=self,
         )
 
     def val_dataloader(self) -> list[DataLoader]:

@@ -262,20 +262,12 @@ class VitDataModule(L.LightningDataModule):
         pixels = load_image(self.data_dir / self.task.image_folder / entry.image, self.image) if entry.image else None
         return {"input_ids": ids, "labels": labels, "pixel_values": pixels}
 
-    def _loader(self, split: str, batch_size: int, shuffle: bool):
-        import torch
+    def _eval_loader(self):
         from torch.utils.data import DataLoader
 
-        samples = _Lazy(self.splits[split], self._sample)
-        generator = torch.Generator().manual_seed(self.seed)
         pad = self.tokenizer.pad_token_id
-        return DataLoader(
-            samples,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            generator=generator if shuffle else None,
-            collate_fn=lambda batch: collate(batch, pad),
-        )
+        samples = _Lazy(self.splits["eval"], self._sample)
+        return DataLoader(samples, batch_size=self.task.eval_batch_size, collate_fn=lambda batch: collate(batch, pad))
 
     def test_dataloader(self):
         """The held-out conversations (answer loss), then one loader of prompts per runnable benchmark."""
@@ -303,10 +295,20 @@ class VitDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self):
-        return self._loader("train", self.task.batch_size, shuffle=True)
+        from tsft.data.loading import training_loader
+
+        pad = self.tokenizer.pad_token_id
+        samples = _Lazy(self.splits["train"], self._sample)
+        return training_loader(
+            samples,
+            batch_size=self.task.batch_size,
+            seed=self.seed,
+            collate_fn=lambda b: collate(b, pad),
+            datamodule=self,
+        )
 
     def val_dataloader(self):
-        return self._loader("eval", self.task.eval_batch_size, shuffle=False)
+        return self._eval_loader()
 
 
 class _Lazy:

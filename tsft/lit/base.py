@@ -69,6 +69,12 @@ class PeftModule(L.LightningModule):
         rest = [p for n, p in named if "modules_to_save" not in n]
         return [group for group in ({"params": rest}, {"params": heads, "lr": head_lr}) if group["params"]]
 
+    def on_train_start(self) -> None:
+        # Lightning hands a resumable loader its saved state only if the loader is built after the checkpoint is
+        # restored; configure_optimizers' estimated_stepping_batches builds it before, so the state is handed over
+        # here, before the first batch is drawn (tsft.data.loading).
+        self.trainer.fit_loop._load_combined_loader_states()
+
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
         if self.adalora is not None:

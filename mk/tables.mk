@@ -5,6 +5,9 @@
 #   make table2 [PRESET=cpu]        Table 2: LLaVA-1.5-7B (GPU); PRESET=cpu: the tiny LLaVA on 707 captioned images
 #   make table1 [PRESET=cpu]        the CSR grid of Table 1 (LLaMA-3.1-8B; PRESET=cpu: the CSR helper's small model)
 #   make aggregate-table3 [PRESET=cpu]   only rebuild results/tables/table3[_cpu].{md,tex} from the runs so far
+#   make table3-calibrate PRESET=cpu JOBS=2   seed-1 sweep of the TS methods over the gate scale s (CALIBRATE_S)
+#                                   at the paper's λ, 4 tasks x 3 methods x 2 s = 24 runs; the aggregator names
+#                                   each point, and the setting then run at seeds 2,3 becomes the calibrated row
 #   make aggregate-table1 / aggregate-table5 [PRESET=cpu]
 #
 # Re-running a grid skips every run whose result.json exists (++skip_existing=true, see
@@ -54,18 +57,27 @@ endef
 # so a failure is not hidden behind a table.
 define tables_run_grid
 	status=0; \
-	$(PYTHON) scripts/run_grid.py --jobs $(JOBS) --log-dir multirun/grid-logs/$(1)-$(PRESET) \
+	$(PYTHON) scripts/run_grid.py --jobs $(JOBS) --log-dir multirun/grid-logs/$@-$(PRESET) \
 		--deal 'experiment=$(call tables_csv,$(addprefix $(1)_$(tables_exp_prefix),$(2)))' -- \
 		$(3) 'seed=$(tables_seeds)' ++skip_existing=true || status=$$?; \
 	for table in $(1) $(4); do $(MAKE) --no-print-directory aggregate-$$table PRESET=$(PRESET) || status=$$?; done; \
 	exit $$status
 endef
 
-.PHONY: table1 table2 table3 aggregate-table1 aggregate-table2 aggregate-table3 aggregate-table5
+.PHONY: table1 table2 table3 table3-calibrate aggregate-table1 aggregate-table2 aggregate-table3 aggregate-table5
 
 table3:
 	$(tables_check_preset)
 	$(call tables_run_grid,table3,$(TABLE3_METHODS),'task=$(call tables_csv,$(addprefix glue/,$(tables_glue_tasks)))')
+
+# At a few hundred steps s, which bounds tau's step, sets the sparsity more than λ does (docs/small-scale.md).
+CALIBRATE_S ?= 3e-4,1e-3
+TABLE3_TS_METHODS := $(filter ts_%,$(TABLE3_METHODS))
+
+table3-calibrate: SEEDS = 1
+table3-calibrate:
+	$(tables_check_preset)
+	$(call tables_run_grid,table3,$(TABLE3_TS_METHODS),'task=$(call tables_csv,$(addprefix glue/,$(tables_glue_tasks)))' 'sparsity.s=$(CALIBRATE_S)')
 
 table1:
 	$(tables_check_preset)

@@ -421,3 +421,25 @@ def test_a_sweeps_single_seed_points_do_not_block_the_chosen_lambda(tmp_path):
     assert rows[(calibrated, "score — ours")]["SST-2"] == "82.0 ± 1.0 (n=3)"
     assert rows[(calibrated, "λ — ours")]["SST-2"] == "4e-6"
     assert "left out as sweep points, sst2 λ 1e-6 (1 seed)" in text and "sst2 λ 1.6e-5 (1 seed)" in text
+
+
+def test_runs_at_the_papers_lambda_but_another_s_are_calibrated_not_pooled(tmp_path):
+    """At a few hundred steps the gate scale s, not λ, sets the sparsity (docs/small-scale.md): an s sweep at the
+    paper's λ must not land in the paper-setting row, and the calibrated row says which s it used."""
+    runs = tmp_path / "runs"
+    paper_lam = tables.load_paper("table3")["methods"]["ts-lora"]["lambda"]["sst2"]
+    for seed in (1, 2, 3):
+        write_run(runs, task="glue/sst2", method="lora", seed=seed, score=80.0 + seed)
+        write_run(runs, task="glue/sst2", method="ts-lora", seed=seed, score=79.0 + seed, sparsity=0.4, lam=paper_lam)
+        write_run(
+            runs, task="glue/sst2", method="ts-lora", seed=seed, score=78.0 + seed, sparsity=0.6, lam=paper_lam, s=1e-3
+        )
+    write_run(runs, task="glue/sst2", method="ts-lora", seed=1, score=70.0, sparsity=0.9, lam=paper_lam, s=3e-3)
+    text, _ = build(runs)
+    rows = md_rows(text)
+    assert rows[("TS-LoRA", "sparsity % — ours")]["SST-2"] == "40.0 ± 0.0 (n=3)"
+    calibrated = "TS-LoRA (calibrated λ)"
+    assert rows[(calibrated, "sparsity % — ours")]["SST-2"] == "60.0 ± 0.0 (n=3)"
+    assert rows[(calibrated, "λ — ours")]["SST-2"] == "2e-5" and rows[(calibrated, "s — ours")]["SST-2"] == "1e-3"
+    assert rows[(calibrated, PAIRED)]["SST-2"] == "-2.0 [-2.0, -2.0] (n=3)"
+    assert "sst2 λ 2e-5, s 3e-3 (1 seed)" in text

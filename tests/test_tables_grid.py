@@ -145,3 +145,26 @@ def test_a_finished_run_of_other_settings_is_refused_not_reused(tmp_path):
     cfg.task.lr = 2e-3
     with pytest.raises(InputError, match=r"task.lr was 0.001, now 0.002"):
         finished_result(cfg)
+
+
+@needs_make
+def test_calibration_sweep_command(tmp_path):
+    done = make(tmp_path, "-n", "table3-calibrate", "PRESET=cpu", "JOBS=2")
+    command = next(line for line in done.stdout.splitlines() if "scripts/run_grid.py" in line)
+    experiments = re.search(r"--deal 'experiment=([^']+)'", command).group(1).split(",")
+    assert experiments == [f"table3_cpu_{m}" for m in ("ts_lora", "ts_adalora", "ts_adapter")]
+    assert "'sparsity.s=3e-4,1e-3'" in command and "'seed=1'" in command and "++skip_existing=true" in command
+    assert "grid-logs/table3-calibrate-cpu" in command  # its own logs: the main grid's stay
+
+
+def test_an_s_sweep_gets_run_names_of_its_own_and_the_grids_names_stay():
+    from .helpers import compose_config
+
+    names = {
+        s: compose_config(["experiment=table3_cpu_ts_lora", "task=glue/sst2", *([f"sparsity.s={s}"] if s else [])])[
+            "run_name"
+        ]
+        for s in (None, "1e-4", "3e-4", "1e-3")
+    }
+    assert names[None] == names["1e-4"] == "ts-lora-minilm-l6-lam2e-05-seed1-cpu"  # the finished grid's names
+    assert (names["3e-4"], names["1e-3"]) == (f"{names[None]}-s3e-4", f"{names[None]}-s1e-3")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,18 @@ PEFT_METHODS = ("lora", "dora", "adalora", "adapter", "heads")
 SCALE_READINGS = ("r_over_alpha", "alpha_over_r")  # how Table 6's "Scale" sets lora_alpha (configs/peft/lora.yaml)
 LOGGER_KINDS = ("csv", "wandb", "tensorboard", "none")
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _s_suffix(s: Any, reference: Any) -> str:
+    """``-s<s>`` when the gate scale differs from the grid's own (run names of an s sweep stay distinct, and the
+    names of runs at the grid's s stay as they were); used as ``${s_suffix:${sparsity.s},1e-4}``."""
+    if math.isclose(float(s), float(reference), rel_tol=1e-9):
+        return ""
+    mantissa, exponent = f"{float(s):.2e}".split("e")
+    return f"-s{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"  # -s1e-3, -s2.5e-4
+
+
+OmegaConf.register_new_resolver("s_suffix", _s_suffix, replace=True)
 
 
 def method_name(cfg: DictConfig) -> str:

@@ -34,6 +34,7 @@ from tsft.report.runs import (
 PAPER_DIR = Path(__file__).resolve().parents[2] / "results" / "paper"
 CONFLICT = "‡"
 PAPER_DERIVED = "*"
+PAPER_S_NLU = 1e-4  # the gate scale s of the paper's GLUE runs (App. A.4); CSR and VIT use 4e-5
 
 # GLUE columns of Table 3 per preset. The CPU preset runs four small GLUE tasks (no RTE); keep this list
 # in sync with CPU_GLUE_TASKS in mk/tables.mk (tests/test_tables_grid.py checks it).
@@ -93,7 +94,13 @@ class MethodData:
     sparsity: dict[str, dict[Any, float]] = field(default_factory=lambda: defaultdict(dict))
     lambdas: dict[str, set] = field(default_factory=lambda: defaultdict(set))
     s_values: set = field(default_factory=set)
+    s_by_column: dict[str, set] = field(default_factory=lambda: defaultdict(set))
     conflicts: dict[str, str] = field(default_factory=dict)
+
+
+def gate_scale(run: dict[str, Any]) -> float | None:
+    """The run's sparsity.s (Eq. 10's surrogate scale, which also bounds tau's step: docs/small-scale.md)."""
+    return ((run.get("config") or {}).get("sparsity") or {}).get("s")
 
 
 def gather(runs: list[dict[str, Any]], extract: Extract, ts: bool) -> MethodData:
@@ -102,10 +109,12 @@ def gather(runs: list[dict[str, Any]], extract: Extract, ts: bool) -> MethodData
     for run in runs:
         seed = run.get("seed")
         if ts:
-            data.s_values.add(((run.get("config") or {}).get("sparsity") or {}).get("s"))
+            data.s_values.add(gate_scale(run))
         for col, (score, sparsity) in extract(run).items():
             seen[col][seed].append(run["_path"])
             data.lambdas[col].add(run.get("lambda") if ts else None)
+            if ts:
+                data.s_by_column[col].add(gate_scale(run))
             if score is not None:
                 data.score[col][seed] = score
             if sparsity is not None:
@@ -116,6 +125,8 @@ def gather(runs: list[dict[str, Any]], extract: Extract, ts: bool) -> MethodData
             data.conflicts[col] = "; ".join(f"seed {s} in {len(p)} runs ({', '.join(p)})" for s, p in dupes.items())
         elif len(data.lambdas[col]) > 1:
             data.conflicts[col] = "runs with several λ: " + fmt_values(data.lambdas[col])
+        elif len(data.s_by_column[col]) > 1:
+            data.conflicts[col] = "runs with several s: " + fmt_values(data.s_by_column[col])
     for col in data.conflicts:
         data.score.pop(col, None)
         data.sparsity.pop(col, None)
@@ -151,6 +162,7 @@ class Benchmark:
     sparsity_source: str
     trivial: Callable[[dict[str, Any]], dict[str, float]]  # column -> the run's trivial score (percent)
     trivial_source: str  # how the runs computed it, for the notes
+    paper_s: float | None = None  # the gate scale s the paper used (App. A.4); runs at another s are calibrated
 
 
 def glue_extract(columns: list[str]) -> Extract:
@@ -301,7 +313,9 @@ def _split_by_lambda(runs, pm, bench: Benchmark, ts: bool) -> tuple[list, list]:
             paper_lambda = paper_lambda.get(columns[0]) if columns else None
         lam = run.get("lambda")
         same = lam is not None and paper_lambda is not None and math.isclose(lam, paper_lambda, rel_tol=1e-9)
-        (at_paper if same or lam is None else other).append(run)
+        run_s = gate_scale(run)
+        same_s = bench.paper_s is None or run_s is None or math.isclose(float(run_s), bench.paper_s, rel_tol=1e-9)
+        (at_paper if (same and same_s) or lam is None else other).append(run)
     return at_paper, other
 
 
@@ -309,23 +323,29 @@ def _calibrated_choice(runs: list[dict[str, Any]], bench: Benchmark) -> tuple[li
     """Per column, the calibrated runs of the λ run with the most seeds (the chosen λ of a sweep); the other λ of
     that column are its sweep points (one seed each, typically), named in the notes and left out. When two λ
     have the most seeds, no choice is made: all stay, and the cell is flagged as several λ."""
-    by_column: dict[str, dict[float, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    by_column: dict[str, dict[tuple, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for run in runs:
         for column in bench.extract(run):
-            by_column[column][run.get("lambda")].append(run)
+            by_column[column][(run.get("lambda"), gate_scale(run))].append(run)
     kept, points = [], []
-    for column, by_lambda in sorted(by_column.items()):
-        seeds = {lam: len({r.get("seed") for r in rs}) for lam, rs in by_lambda.items()}
+    for column, by_setting in sorted(by_column.items()):
+        seeds = {setting: len({r.get("seed") for r in rs}) for setting, rs in by_setting.items()}
         most = max(seeds.values())
-        chosen = [lam for lam, n in seeds.items() if n == most]
+        chosen = [setting for setting, n in seeds.items() if n == most]
         if len(chosen) > 1:
-            chosen = list(by_lambda)
-        for lam, rs in by_lambda.items():
-            if lam in chosen:
+            chosen = list(by_setting)
+        varied_s = len({s for _, s in by_setting}) > 1 or any(not _is_paper_s(s, bench) for _, s in by_setting)
+        for (lam, s), rs in by_setting.items():
+            if (lam, s) in chosen:
                 kept += [r for r in rs if r not in kept]
             else:
-                points.append(f"{column} λ {fmt_sci(lam)} ({seeds[lam]} seed{'s' if seeds[lam] > 1 else ''})")
+                at = f"λ {fmt_sci(lam)}" + (f", s {fmt_sci(s)}" if varied_s and s is not None else "")
+                points.append(f"{column} {at} ({seeds[(lam, s)]} seed{'s' if seeds[(lam, s)] > 1 else ''})")
     return kept, points
+
+
+def _is_paper_s(s: float | None, bench: Benchmark) -> bool:
+    return bench.paper_s is None or s is None or math.isclose(float(s), bench.paper_s, rel_tol=1e-9)
 
 
 def _paired_label(method: str, paper: dict[str, Any]) -> str:
@@ -363,6 +383,8 @@ def _calibrated_rows(data: MethodData, dense_scores, method, paper, cols, hyper_
     rows.append(["", _paired_label(method, paper)] + blank + _paired_cells(data, dense_scores, method, cols))
     if not hyper_col:
         rows.append(["", "λ — ours"] + [fmt_values(data.lambdas.get(c, set())) for c in cols] + [""])
+        if any(data.s_by_column.get(c) for c in cols):
+            rows.append(["", "s — ours"] + [fmt_values(data.s_by_column.get(c, set())) for c in cols] + [""])
     return rows
 
 
@@ -545,7 +567,13 @@ def build_report(table: str, runs_dir: Path, preset: str) -> Report:
     if table == "table3":
         tasks = GLUE_TASKS.get(preset, GLUE_TASKS["paper"])
         bench = Benchmark(
-            "table3", tasks, glue_extract(tasks), "the run's `sparsity.overall`", glue_trivial, GLUE_TRIVIAL_SOURCE
+            "table3",
+            tasks,
+            glue_extract(tasks),
+            "the run's `sparsity.overall`",
+            glue_trivial,
+            GLUE_TRIVIAL_SOURCE,
+            paper_s=PAPER_S_NLU,
         )
         return benchmark_report(bench, runs, header)
     if table == "table1":

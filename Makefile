@@ -16,7 +16,7 @@ ifneq ($(TSFT_DATA_DIR),)
 export TSFT_DATA_DIR
 endif
 
-.PHONY: help install test test-slow quickstart bench-gate lint clean
+.PHONY: help install test test-slow quickstart bench-gate bench-pipeline lint clean
 
 help: ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -48,6 +48,9 @@ quickstart: install ## TS-LoRA on SST-2 with MiniLM-L6 on the CPU (~2 min); prin
 
 bench-gate: install ## gate cost: step time and peak memory gated / dense per method and model (20-25 min on 2 cores)
 	$(PY) scripts/bench_gate_overhead.py
+
+bench-pipeline: install ## end-to-end: train.py vs a plain HF Trainer + peft loop (MiniLM-L6, SST-2), throughput and start-up
+	$(PY) scripts/bench_pipeline.py
 
 lint: install ## ruff
 	$(VENV)/bin/ruff check .

@@ -6,8 +6,9 @@ interval, SIGTERM) replays the epoch's first batches. Here the state is how many
 training loop has processed, and a resumed loader starts after them, so the resumed run sees the same batches
 in the same order as an uninterrupted one.
 
-On one device this is exact; under DDP Lightning wraps the sampler per rank, and the skip counts batches of
-the whole epoch's order (a resume from an epoch-end checkpoint is exact there too).
+The skip is taken from the loader's own batches (each rank skips the batches it trained on), so it holds under
+DDP too, where Lightning wraps the sampler per rank. The skipped batches are read and dropped: a resume costs
+their loading, never their training.
 """
 
 from __future__ import annotations
@@ -20,53 +21,56 @@ from torch.utils.data import DataLoader, Sampler
 
 
 class EpochSeededSampler(Sampler[int]):
-    """Shuffles with a permutation that depends only on (seed, epoch); ``skip_next`` drops the first indices
-    of the next pass (a resumed epoch).
+    """Shuffles with a permutation that depends only on (seed, epoch).
 
-    Lightning calls ``set_epoch`` before each epoch, so a run resumed from an end-of-epoch checkpoint sees
-    the same order as an uninterrupted one.
+    Lightning calls ``set_epoch`` before each epoch, so every epoch's order is fixed by the seed alone, and a
+    resumed run sees the same order as an uninterrupted one.
     """
 
     def __init__(self, size: int, seed: int) -> None:
         self.size, self.seed, self.epoch = size, seed, 0
-        self._skip = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def skip_next(self, count: int) -> None:
-        self._skip = count
-
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(self.size, generator=generator).tolist()
-        skip, self._skip = self._skip, 0
-        return iter(order[skip:])
+        return iter(torch.randperm(self.size, generator=generator).tolist())
 
     def __len__(self) -> int:
-        # The full epoch even while skipping: Lightning counts the epoch's batches from the loader's length
-        # and continues its batch count from the checkpoint's, so a resumed epoch still ends at that length.
         return self.size
 
 
 class ResumableLoader(DataLoader):
-    """A DataLoader whose state is the batches processed in the current epoch; on load it makes its
-    EpochSeededSampler skip them. ``batches_done`` reads that count from the training loop (the loader itself
-    cannot tell a batch prefetched from one trained on). The signature keeps DataLoader's ``sampler`` so that
-    Lightning can swap in its per-rank sampler under DDP."""
+    """A DataLoader whose state is the batches processed in the current epoch; after ``load_state_dict`` its next
+    pass starts after them. ``batches_done`` reads that count from the training loop (the loader itself cannot
+    tell a batch prefetched from one trained on). The signature keeps DataLoader's, so that Lightning can swap
+    in its per-rank sampler under DDP."""
 
     def __init__(self, dataset: Sequence[Any], *, batches_done: Callable[[], int], **kwargs: Any) -> None:
         super().__init__(dataset, **kwargs)
         self.batches_done = batches_done
+        self._skip = 0
 
     def state_dict(self) -> dict[str, int]:
         return {"batches_done": int(self.batches_done())}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         done = int(state.get("batches_done", 0))
-        batches_per_epoch = -(-len(self.dataset) // self.batch_size)
-        if 0 < done < batches_per_epoch and isinstance(self.sampler, EpochSeededSampler):
-            self.sampler.skip_next(done * self.batch_size)  # mid-epoch; after an epoch's end the next starts afresh
+        self._skip = done if 0 < done < len(self) else 0  # after an epoch's end the next one starts afresh
+
+    def __iter__(self) -> Iterator[Any]:
+        batches = super().__iter__()
+
+        def resumed() -> Iterator[Any]:
+            # Lazy: Lightning makes the first iterator before it restores the checkpoint (and so this state), and
+            # draws from it only afterwards.
+            skip, self._skip = self._skip, 0
+            for _ in range(skip):
+                next(batches)
+            yield from batches
+
+        return resumed()
 
 
 def training_loader(

@@ -7,6 +7,7 @@ for the same ones, except those named in ``resume.allow_changes`` (recorded in r
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +72,10 @@ def _settings_in(path: Path) -> dict[str, Any]:
     try:
         # weights_only: a checkpoint is data, never code to run (Lightning loads it the same way)
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated, not a torch file, text, ...
+    except pickle.UnpicklingError:  # text, random bytes, a pickle of something else
+        reason = "not a torch checkpoint file"
+        raise InputError(f"ckpt_path {path} is not a readable checkpoint ({reason}); pass a tsft last.ckpt") from None
+    except Exception as err:  # truncated zip archive, ...
         reason = str(err).strip().splitlines()[0][:80] if str(err).strip() else type(err).__name__
         raise InputError(f"ckpt_path {path} is not a readable checkpoint ({reason}); pass a tsft last.ckpt") from None
     settings = checkpoint.get(SETTINGS_KEY) if isinstance(checkpoint, dict) else None

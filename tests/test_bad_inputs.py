@@ -33,11 +33,11 @@ class Row:
     overrides: tuple[str, ...]
     message: str  # what the one line says (a substring after "error: ")
     before_weights: bool = True  # refused before any model weights are built or loaded
-    setup: Callable[[Path], list[str]] | None = None  # writes files under tmp_path; returns more overrides
+    setup: Callable[[Path, Path], list[str]] | None = None  # (tmp_path, a real checkpoint) -> more overrides
 
 
-def bad_stsb(score: str) -> Callable[[Path], list[str]]:
-    def setup(tmp: Path) -> list[str]:
+def bad_stsb(score: str) -> Callable[[Path, Path], list[str]]:
+    def setup(tmp: Path, ckpt: Path) -> list[str]:
         folder = tmp / "data" / "glue" / "STS-B"
         folder.mkdir(parents=True)
         rows = [f"{i}\tmain\tf\t2012\t{i}\tnone\tnone\ta man sings {i}\ta man is singing\t3.0" for i in range(8)]
@@ -49,8 +49,8 @@ def bad_stsb(score: str) -> Callable[[Path], list[str]]:
     return setup
 
 
-def rte_line(line: str) -> Callable[[Path], list[str]]:
-    def setup(tmp: Path) -> list[str]:
+def rte_line(line: str) -> Callable[[Path, Path], list[str]]:
+    def setup(tmp: Path, ckpt: Path) -> list[str]:
         with open(tmp / "data" / "glue" / "RTE" / "train.tsv", "a") as f:
             f.write(line + "\n")
         return []
@@ -58,24 +58,24 @@ def rte_line(line: str) -> Callable[[Path], list[str]]:
     return setup
 
 
-def latin1_rte(tmp: Path) -> list[str]:
+def latin1_rte(tmp: Path, ckpt: Path) -> list[str]:
     with open(tmp / "data" / "glue" / "RTE" / "train.tsv", "ab") as f:
         f.write("99\tcaf\xe9 au lait\tit is coffee\tentailment\n".encode("latin-1"))
     return []
 
 
-def no_dev_file(tmp: Path) -> list[str]:
+def no_dev_file(tmp: Path, ckpt: Path) -> list[str]:
     (tmp / "data" / "glue" / "RTE" / "dev.tsv").unlink()
     return []
 
 
-def file_in_the_way(tmp: Path) -> list[str]:
+def file_in_the_way(tmp: Path, ckpt: Path) -> list[str]:
     (tmp / "afile").write_text("x")
     return [f"paths.results_dir={tmp / 'afile' / 'results'}"]
 
 
-def ckpt_file(content: bytes | None) -> Callable[[Path], list[str]]:
-    def setup(tmp: Path) -> list[str]:
+def ckpt_file(content: bytes | None) -> Callable[[Path, Path], list[str]]:
+    def setup(tmp: Path, ckpt: Path) -> list[str]:
         path = tmp / "bad.ckpt"
         if content is None:
             torch.save({"state_dict": {}, "epoch": 0}, path)  # a torch file, not a tsft checkpoint
@@ -86,11 +86,11 @@ def ckpt_file(content: bytes | None) -> Callable[[Path], list[str]]:
     return setup
 
 
-def real_ckpt(truncate: bool = False) -> Callable[[Path], list[str]]:
+def real_ckpt(truncate: bool = False) -> Callable[[Path, Path], list[str]]:
     """tsft's own last.ckpt from a tiny LoRA run (r 4) of tiny-bert on RTE, intact or cut in half."""
 
-    def setup(tmp: Path) -> list[str]:
-        path = TRAINED_CKPT["path"]
+    def setup(tmp: Path, ckpt: Path) -> list[str]:
+        path = ckpt
         if truncate:
             cut = tmp / "cut.ckpt"
             cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
@@ -101,7 +101,6 @@ def real_ckpt(truncate: bool = False) -> Callable[[Path], list[str]]:
 
 
 CKPT_RUN = ["trainer.max_steps=-1", "trainer.max_epochs=1"]  # one epoch of 4 steps: its end saves last.ckpt
-TRAINED_CKPT: dict[str, Path] = {}
 
 ROWS: dict[str, Row] = {
     # group choices and keys
@@ -210,13 +209,12 @@ def trained_checkpoint(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ckpt")
     write_rte(tmp / "data" / "glue" / "RTE")
     run(compose_config([*tiny_overrides(tmp, tmp / "data"), *CKPT_RUN]))
-    TRAINED_CKPT["path"] = next((tmp / "results").rglob("last.ckpt"))
-    return TRAINED_CKPT["path"]
+    return next((tmp / "results").rglob("last.ckpt"))
 
 
-def row_argv(row: Row, tmp_path: Path) -> list[str]:
+def row_argv(row: Row, tmp_path: Path, ckpt: Path) -> list[str]:
     write_rte(tmp_path / "data" / "glue" / "RTE")
-    extra = row.setup(tmp_path) if row.setup else []
+    extra = row.setup(tmp_path, ckpt) if row.setup else []
     # the row's own overrides come last so that they win over the tiny defaults (e.g. task.max_length=1024)
     return [*tiny_overrides(tmp_path, tmp_path / "data"), *extra, *row.overrides]
 
@@ -224,7 +222,7 @@ def row_argv(row: Row, tmp_path: Path) -> list[str]:
 @pytest.mark.parametrize("name", list(ROWS))
 def test_bad_input_is_refused_in_one_line_before_any_work(name, tmp_path, monkeypatch, capsys, trained_checkpoint):
     row = ROWS[name]
-    argv = row_argv(row, tmp_path)
+    argv = row_argv(row, tmp_path, trained_checkpoint)
     workdir = tmp_path / "cwd"
     workdir.mkdir()
     monkeypatch.chdir(workdir)
@@ -249,7 +247,7 @@ SAMPLE = ["misspelt group key", "short TSV row", "random bytes checkpoint"]  # b
 @pytest.mark.parametrize("name", SAMPLE)
 def test_in_process_verdict_is_the_processes(name, tmp_path, capsys, trained_checkpoint):
     row = ROWS[name]
-    argv = row_argv(row, tmp_path)
+    argv = row_argv(row, tmp_path, trained_checkpoint)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     process = subprocess.run(
         [sys.executable, "train.py", *argv], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300

@@ -69,15 +69,16 @@ def checked_checkpoint(cfg: DictConfig) -> tuple[str, dict[str, Any]] | tuple[No
 
 
 def _settings_in(path: Path) -> dict[str, Any]:
+    reason = None
     try:
         # weights_only: a checkpoint is data, never code to run (Lightning loads it the same way)
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # text, random bytes, a pickle of something else
         reason = "not a torch checkpoint file"
-        raise InputError(f"ckpt_path {path} is not a readable checkpoint ({reason}); pass a tsft last.ckpt") from None
     except Exception as err:  # truncated zip archive, ...
         reason = str(err).strip().splitlines()[0][:80] if str(err).strip() else type(err).__name__
-        raise InputError(f"ckpt_path {path} is not a readable checkpoint ({reason}); pass a tsft last.ckpt") from None
+    if reason is not None:
+        raise InputError(f"ckpt_path {path} is not a readable checkpoint ({reason}); pass a tsft last.ckpt")
     settings = checkpoint.get(SETTINGS_KEY) if isinstance(checkpoint, dict) else None
     if not isinstance(settings, dict):
         raise InputError(f"ckpt_path {path} was not saved by tsft (no '{SETTINGS_KEY}' entry); pass a tsft last.ckpt")

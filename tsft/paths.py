@@ -14,6 +14,7 @@ from tsft.errors import InputError
 
 RUNS_SUBDIR = "runs"
 CHECKPOINTS_SUBDIR = "checkpoints"
+LAST_CHECKPOINT = "last"  # <run_dir>/checkpoints/last.ckpt: every save of a run overwrites it
 RESULT_FILENAME = "result.json"
 
 

@@ -315,7 +315,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[Callback]:
             # "top 1" is the newest), also by a resumed run.
             ModelCheckpoint(
                 dirpath=run_dir / paths.CHECKPOINTS_SUBDIR,
-                filename="last",
+                filename=paths.LAST_CHECKPOINT,
                 save_top_k=1,
                 enable_version_counter=False,
                 every_n_train_steps=cfg.checkpoint.every_n_train_steps,

@@ -81,7 +81,8 @@ def eval_split_suffix(split: str) -> str:
 
 
 def read_glue_tsv(path: Path, fmt: GlueFormat, skipped: list[str] | None = None) -> list[Example]:
-    """Parse one GLUE TSV file; any row that does not fit raises naming the file and line.
+    """Parse one GLUE TSV file; any row that does not fit raises naming the file and line (given ``skipped``, it is
+    left out and its error appended there instead).
 
     Quotes are ordinary characters in GLUE's TSVs (MRPC, MNLI), so rows are split on newlines and
     tabs only (not on the other characters str.splitlines treats as line breaks); ``utf-8-sig``

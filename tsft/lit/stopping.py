@@ -17,6 +17,8 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from tsft import paths
+
 EXIT_STATUS = {"SIGTERM": 128 + signal.SIGTERM, "SIGINT": 128 + signal.SIGINT}  # the shell's convention
 
 
@@ -33,7 +35,7 @@ class StopCheckpoints(Callback):
     records which signal stopped the run and at which step (``stopped_by``, ``stopped_at_step``)."""
 
     def __init__(self, checkpoint_dir: Path, enabled: bool) -> None:
-        self.path = Path(checkpoint_dir) / "last.ckpt"
+        self.path = Path(checkpoint_dir) / f"{paths.LAST_CHECKPOINT}.ckpt"  # the file ModelCheckpoint writes
         self.enabled = enabled
         self.stopped_by: str | None = None
         self.stopped_at_step: int | None = None

@@ -313,9 +313,7 @@ def _split_by_lambda(runs, pm, bench: Benchmark, ts: bool) -> tuple[list, list]:
             paper_lambda = paper_lambda.get(columns[0]) if columns else None
         lam = run.get("lambda")
         same = lam is not None and paper_lambda is not None and math.isclose(lam, paper_lambda, rel_tol=1e-9)
-        run_s = gate_scale(run)
-        same_s = bench.paper_s is None or run_s is None or math.isclose(float(run_s), bench.paper_s, rel_tol=1e-9)
-        (at_paper if (same and same_s) or lam is None else other).append(run)
+        (at_paper if (same and _is_paper_s(gate_scale(run), bench)) or lam is None else other).append(run)
     return at_paper, other
 
 

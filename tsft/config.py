@@ -53,6 +53,8 @@ def check_group_choices(overrides: list[str], config_dir: Path = CONFIG_DIR) -> 
     """
     for override in overrides:
         key, sep, value = override.lstrip("+~").partition("=")
+        if key == "hydra/launcher":
+            _check_launcher(value)
         group_dir = config_dir / key
         if not sep or key.startswith("hydra") or not group_dir.is_dir() or "(" in value:
             continue
@@ -60,6 +62,17 @@ def check_group_choices(overrides: list[str], config_dir: Path = CONFIG_DIR) -> 
         for option in value.split(","):
             if option not in available and option != "null":
                 raise InputError(f"unknown {key} '{option}'; choose one of: {', '.join(available)}")
+
+
+def _check_launcher(launcher: str) -> None:
+    """The submitit launchers (configs/hydra/launcher: slurm, local) come from an extra, not a core dependency."""
+    import importlib.util
+
+    if launcher in ("slurm", "local", "submitit_slurm", "submitit_local"):
+        _require(
+            importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is not None,
+            f"hydra/launcher={launcher} needs the submitit launcher plugin; pip install -e '.[slurm]'",
+        )
 
 
 def known_setting_keys(config_dir: Path = CONFIG_DIR) -> set[str]:
@@ -322,6 +335,32 @@ def _check_trainer(trainer: DictConfig) -> None:
     _require(accumulate >= 1, f"trainer.accumulate_grad_batches must be >= 1 (got {accumulate})")
     _check_precision(trainer.get("precision"))
     _check_accelerator(trainer.get("accelerator"))
+    strategy = trainer.get("strategy")
+    if isinstance(strategy, DictConfig):
+        _check_strategy(strategy, trainer.get("accelerator"))
+    elif isinstance(strategy, str) and strategy.startswith("fsdp"):
+        raise InputError(
+            f"trainer.strategy={strategy} is FSDP1, whose bf16 mixed precision casts buffers and so the gates' "
+            "thresholds; use trainer=fsdp (FSDP2, tsft/lit/sharding.py)"
+        )
+    elif isinstance(strategy, str) and strategy.startswith("deepspeed"):
+        _check_deepspeed(trainer.get("accelerator"))
+
+
+def _check_strategy(strategy: DictConfig, accelerator: Any) -> None:
+    """A strategy given as a config node (trainer=fsdp, deepspeed_*): its class must be importable, and DeepSpeed
+    installed and on a GPU, before anything is built."""
+    target = strategy.get("_target_")
+    _require(isinstance(target, str), "trainer.strategy needs a _target_ (a strategy class), e.g. trainer=fsdp")
+    if "DeepSpeed" in target:
+        _check_deepspeed(accelerator)
+    from hydra.utils import get_class
+
+    try:
+        get_class(target)
+    except Exception:
+        message = f"trainer.strategy._target_ '{target}' is not an importable class; e.g. trainer=fsdp"
+        raise InputError(message) from None
 
 
 def _check_precision(precision: Any) -> None:
@@ -336,6 +375,20 @@ def _check_precision(precision: Any) -> None:
     _require(
         precision is None or str(precision) in accepted,
         f"trainer.precision '{precision}' is not one of {', '.join(accepted)}; e.g. trainer.precision=bf16-mixed",
+    )
+
+
+def _check_deepspeed(accelerator: Any) -> None:
+    import importlib.util
+
+    _require(
+        importlib.util.find_spec("deepspeed") is not None,
+        "trainer.strategy is DeepSpeed, which is not installed; pip install -e '.[deepspeed]', or use trainer=fsdp",
+    )
+    _require(
+        accelerator in ("gpu", "cuda", "auto"),
+        f"DeepSpeed needs CUDA GPUs (trainer.accelerator={accelerator}); on CPU use trainer=fsdp with "
+        "trainer.accelerator=cpu",
     )
 
 

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,15 @@ from tsft.data.glue import GlueDataModule
 from tsft.errors import InputError
 from tsft.eval.csr import trivial_scores as csr_trivial_scores
 from tsft.eval.glue import headline_score, trivial_score
+from tsft.launch import (
+    cluster_plugins,
+    create_launch_run_dir,
+    launch_run_dir,
+    own_checkpoint,
+    process_launch,
+    stable_run_name,
+    under_submitit,
+)
 from tsft.lit.base import PeftModule
 from tsft.lit.causal_lm import CausalLMModule
 from tsft.lit.classification import SequenceClassificationModule
@@ -42,7 +52,7 @@ from tsft.lit.progress import StepProgressBar
 from tsft.lit.stopping import StopCheckpoints
 from tsft.models import build_peft_model, load_tokenizer
 from tsft.models.backbone import check_max_length
-from tsft.report.grid import finished_result
+from tsft.report.grid import finished_result, is_run_dir_of
 from tsft.report.result import make_result, summary_line, write_result
 from tsft.run_files import log_to_run_dir, record_inputs
 
@@ -171,9 +181,18 @@ def run(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
     validate(cfg)
     paths.task_runs_dir(cfg.paths, cfg.task.name)  # refuses a task name leading out of results_dir, before loading
     selection = apply_selection(cfg)  # a module subset or halved ranks (Table 4); None for an ordinary run
-    if cfg.get("skip_existing") and (finished := finished_result(cfg)) is not None:
+    # under submitit a requeued job must continue its checkpoint, so resume.auto is implied there
+    auto_resume = bool((cfg.get("resume") or {}).get("auto")) or under_submitit()
+    if auto_resume and not cfg.run_name:
+        cfg.run_name = stable_run_name(cfg, run_base_name(cfg))
+    if (cfg.get("skip_existing") or auto_resume) and (finished := finished_result(cfg)) is not None:
         log.info("skipping: %s is a finished run of this configuration", finished.parent)
         return finished.parent, json.loads(finished.read_text())
+    if auto_resume and cfg.ckpt_path is None:  # a requeued or resubmitted job continues its own checkpoint
+        task_dir = paths.task_runs_dir(cfg.paths, cfg.task.name)
+        cfg.ckpt_path = own_checkpoint(task_dir, cfg.run_name, partial(is_run_dir_of, cfg.run_name))
+        if cfg.ckpt_path is not None:
+            log.info("resume.auto: continuing %s", cfg.ckpt_path)
     family = task_family(cfg)
     ckpt_path, allowed_changes = checked_checkpoint(cfg)
 
@@ -189,7 +208,9 @@ def run(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
     module = family.lightning_module(cfg, model, datamodule)
     module.run_settings = run_settings(cfg)  # saved in its checkpoints, compared when one is resumed
 
-    is_first_rank = RUN_DIR_ENV not in os.environ  # DDP's other ranks inherit rank 0's directory
+    # the process that writes the run's records: not a rank Lightning started (it inherits rank 0's directory),
+    # not a rank > 0 of an external launch (torchrun, srun)
+    is_first_rank = RUN_DIR_ENV not in os.environ and process_launch().rank == 0
     run_dir = shared_run_dir(cfg, ckpt_path)
     try:
         extras = {"selection": selection} if selection is not None else {}
@@ -219,7 +240,7 @@ def fit_and_evaluate(
 ) -> dict[str, Any]:
     """Fit, evaluate, write result.json (``extras``: more fields for it, e.g. the module selection)."""
     trainer = L.Trainer(
-        **OmegaConf.to_container(cfg.trainer, resolve=True),
+        **trainer_arguments(cfg),
         logger=build_loggers(cfg, run_dir),
         callbacks=build_callbacks(cfg, run_dir),
         enable_checkpointing=cfg.checkpoint.enabled,
@@ -232,6 +253,7 @@ def fit_and_evaluate(
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except SIGTERMException:
         stop = next(c for c in trainer.callbacks if isinstance(c, StopCheckpoints))
+        stop.hand_over_preemption()  # submitit's signal: the checkpoint is saved, now submitit requeues the job
         raise stop.stop_error() from None
     getattr(trainer, family.evaluate)(module, datamodule=datamodule, verbose=False)
 
@@ -271,17 +293,23 @@ def task_family(cfg: DictConfig) -> TaskFamily:
 
 
 def shared_run_dir(cfg: DictConfig, ckpt_path: str | None) -> Path:
-    """The run directory, created once per run even under DDP.
+    """The run directory, one per run however many processes it has (tsft.launch).
 
     Lightning's DDP launcher starts ranks 1..n by running this script again when rank 0 calls
-    fit; they inherit RUN_DIR_ENV from rank 0 and write into its directory.
+    fit; they inherit RUN_DIR_ENV from rank 0 and write into its directory. The processes of an
+    external launch (torchrun, srun) all compute the same directory from the launch's id.
     """
     inherited = os.environ.get(RUN_DIR_ENV)
     if inherited:
         return Path(inherited)
-    run_dir = resume_run_dir(ckpt_path) or paths.create_run_dir(
-        paths.task_runs_dir(cfg.paths, cfg.task.name), run_base_name(cfg)
-    )
+    launch = process_launch()
+    run_dir = resume_run_dir(ckpt_path)
+    if run_dir is None:
+        task_dir = paths.task_runs_dir(cfg.paths, cfg.task.name)
+        if launch.is_external:
+            run_dir = create_launch_run_dir(launch_run_dir(task_dir, run_base_name(cfg), launch), launch)
+        else:
+            run_dir = paths.create_run_dir(task_dir, run_base_name(cfg))
     os.environ[RUN_DIR_ENV] = str(run_dir)
     return run_dir
 
@@ -294,6 +322,20 @@ def resume_run_dir(ckpt_path: str | None) -> Path | None:
     if run_dir is None or (run_dir / paths.RESULT_FILENAME).exists():
         return None
     return run_dir
+
+
+def trainer_arguments(cfg: DictConfig) -> dict[str, Any]:
+    """``cfg.trainer`` as lightning.Trainer arguments: a strategy given as a config node (``_target_``, e.g.
+    trainer=fsdp) is built; under submitit, Lightning's SLURM auto-requeue is off (tsft.launch)."""
+    arguments = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if isinstance(arguments.get("strategy"), dict):
+        from hydra.utils import instantiate
+
+        arguments["strategy"] = instantiate(arguments["strategy"])
+    plugins = cluster_plugins()
+    if plugins:
+        arguments["plugins"] = [*(arguments.get("plugins") or []), *plugins]
+    return arguments
 
 
 def planned_optimizer_steps(cfg: DictConfig, train_examples: int) -> int:

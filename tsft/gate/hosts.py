@@ -14,11 +14,35 @@ import torch
 from peft.tuners.adalora.layer import SVDLinear
 from peft.tuners.lora import layer as lora_layer
 from peft.utils.integrations import dequantize_module_weight
+from torch.distributed.tensor import DTensor, Partial, Replicate
 
 from tsft.gate.adapter import ParallelAdapterLayer
 
 # u, B, the branch's constant scaling of B (applied inside the gate's autograd function), DoRA k
 Factors = tuple[torch.Tensor, torch.Tensor, Union[float, torch.Tensor], Optional[torch.Tensor]]
+
+
+_PLAIN = (torch.nn.Parameter, torch.Tensor)
+
+
+def whole(weight: torch.Tensor) -> torch.Tensor:
+    """A weight read outside its own module's forward, as the gated layers read B (and DoRA's A and W0).
+
+    Sharded data parallelism gathers a module's weights around that module's forward. When the gated
+    layer is inside a sharded unit (FSDP2 on each transformer block, the usual wrapping), the weights are
+    already whole here; when a LoRA factor is a unit of its own, it is still a sharded DTensor and is
+    gathered here, differentiably (its gradient is averaged over ranks and reduce-scattered back).
+    DeepSpeed ZeRO-3 instead gathers what a layer registers as external parameters (``external_weights``;
+    tsft.lit.sharding).
+    """
+    if type(weight) in _PLAIN or not isinstance(weight, DTensor):  # the common case first: it is on the hot path
+        return weight
+    # Not full_tensor(): its backward would keep each rank's own gradient chunk (Replicate -> Shard is a
+    # slice), and no FSDP hook averages it, since the unit's forward never ran; declaring the gradient a
+    # partial average makes autograd reduce-scatter it as FSDP would (tests/gate/test_sharding.py).
+    mesh_dims = weight.device_mesh.ndim
+    gathered = weight.redistribute(placements=[Replicate()] * mesh_dims)
+    return gathered.to_local(grad_placements=[Partial("avg")] * mesh_dims)
 
 
 class GatedLayerMixin:
@@ -35,10 +59,15 @@ class GatedLayerMixin:
         if factors is None:
             return base
         u, B, scale, k = factors
-        bias = getattr(self.get_base_layer(), "bias", None) if k is not None else None
+        bias = getattr(self.get_base_layer(), "bias", None) if k is not None else None  # DoRA's k (W0 x)
+        bias = None if bias is None else whole(bias)
         return self.token_gate(base, u, B, scale, k, bias)
 
     def update_factors(self, x: torch.Tensor) -> Optional[Factors]:
+        raise NotImplementedError
+
+    def external_weights(self) -> list[torch.nn.Parameter]:
+        """The parameters of submodules that ``update_factors`` reads without calling their module."""
         raise NotImplementedError
 
     def merge(self, *args, **kwargs) -> None:
@@ -71,14 +100,26 @@ class GatedLoraLinear(GatedLayerMixin, lora_layer.Linear):
         lora_A, lora_B = self.lora_A[adapter], self.lora_B[adapter]
         scaling = self.scaling[adapter]
         u = lora_A(self.lora_dropout[adapter](self._cast_input_dtype(x, lora_A.weight.dtype)))
+        B = whole(lora_B.weight)
         if adapter not in self.lora_variant:
-            return u, lora_B.weight, scaling, None
+            return u, B, scaling, None
         dora = self.lora_magnitude_vector[adapter]
         with torch.no_grad():  # the column norm is a constant in DoRA's gradient (DoRA §4.3, as in peft)
-            weight = dequantize_module_weight(self.get_base_layer()).to(u.dtype)
-            norm = dora.get_weight_norm(weight, lora_B.weight @ lora_A.weight, scaling, adapter_name=adapter)
-        magnitude_scale = dora.weight / norm  # trainable, so it goes into B through autograd
-        return u, lora_B.weight * (scaling * magnitude_scale.unsqueeze(1)), 1.0, magnitude_scale - 1
+            weight = whole(dequantize_module_weight(self.get_base_layer())).to(u.dtype)
+            norm = dora.get_weight_norm(weight, B @ whole(lora_A.weight), scaling, adapter_name=adapter)
+        magnitude_scale = whole(dora.weight) / norm  # trainable, so it goes into B through autograd
+        return u, B * (scaling * magnitude_scale.unsqueeze(1)), 1.0, magnitude_scale - 1
+
+    def external_weights(self) -> list[torch.nn.Parameter]:
+        adapter = self._single_adapter()
+        if adapter is None:
+            return []
+        weights = [self.lora_B[adapter].weight]
+        if adapter in self.lora_variant:
+            base = self.get_base_layer()
+            weights += [self.lora_A[adapter].weight, base.weight] + ([base.bias] if base.bias is not None else [])
+            weights += list(self.lora_magnitude_vector[adapter].parameters())
+        return weights
 
 
 class GatedSVDLinear(GatedLayerMixin, SVDLinear):
@@ -93,12 +134,18 @@ class GatedSVDLinear(GatedLayerMixin, SVDLinear):
         u = x @ (lora_A * lora_E).t()
         return u, self.lora_B[adapter], self.scaling[adapter] / (self.ranknum[adapter] + 1e-5), None
 
+    def external_weights(self) -> list[torch.nn.Parameter]:
+        return []  # lora_A, lora_E and lora_B are this module's own parameters: gathered around its forward
+
 
 class GatedParallelAdapter(GatedLayerMixin, ParallelAdapterLayer):
     """Parallel Adapter ``delta = up(act(down(dropout(x)))) * scale``."""
 
     def update_factors(self, x: torch.Tensor) -> Optional[Factors]:
-        return self.bottleneck(x), self.adapter_up.weight, self.scale, None
+        return self.bottleneck(x), whole(self.adapter_up.weight), self.scale, None
+
+    def external_weights(self) -> list[torch.nn.Parameter]:
+        return [self.adapter_up.weight]
 
     def get_base_layer(self) -> torch.nn.Module:
         return self.base_layer

@@ -69,6 +69,19 @@ class PeftModule(L.LightningModule):
         rest = [p for n, p in named if "modules_to_save" not in n]
         return [group for group in ({"params": rest}, {"params": heads, "lr": head_lr}) if group["params"]]
 
+    def configure_model(self) -> None:
+        # A sharding strategy shards the model here, once processes exist and before the optimizer is built
+        # (trainer=fsdp: tsft.lit.sharding.FSDP2Strategy); every other strategy leaves it whole.
+        parallelize = getattr(self.trainer.strategy, "parallelize", None)
+        if parallelize is not None:
+            parallelize(self.model)
+
+    def on_fit_start(self) -> None:
+        from tsft.lit.sharding import is_zero3, register_external_weights
+
+        if is_zero3(self.trainer.strategy):  # the weights gated layers read directly, gathered by DeepSpeed
+            register_external_weights(self.model)
+
     def on_train_start(self) -> None:
         # Lightning hands a resumable loader its saved state only if the loader is built after the checkpoint is
         # restored; configure_optimizers' estimated_stepping_batches builds it before, so the state is handed over

@@ -19,8 +19,14 @@ from omegaconf import DictConfig, OmegaConf
 from tsft import paths
 from tsft.errors import InputError
 
-# The suffix tsft.paths.create_run_dir appends to the run name: a timestamp, plus 4 hex digits on a clash.
-_RUN_DIR_SUFFIX = re.compile(r"-\d{8}-\d{6}(-[0-9a-f]{4})?")
+# The suffix tsft.paths.create_run_dir appends to the run name: a timestamp, plus 4 hex digits on a clash;
+# or, for a run of several externally launched processes, the launch's id (tsft.launch.launch_run_dir).
+_RUN_DIR_SUFFIX = re.compile(r"-(\d{8}-\d{6}(-[0-9a-f]{4})?|launch-[A-Za-z0-9_.-]+)")
+
+
+def is_run_dir_of(run_name: str, dir_name: str) -> bool:
+    """Whether ``dir_name`` is the directory of a run named ``run_name`` (not of a longer name it prefixes)."""
+    return dir_name.startswith(run_name) and _RUN_DIR_SUFFIX.fullmatch(dir_name[len(run_name) :]) is not None
 
 
 def finished_result(cfg: DictConfig, check_config: bool = True) -> Path | None:
@@ -36,8 +42,7 @@ def finished_result(cfg: DictConfig, check_config: bool = True) -> Path | None:
     if not task_dir.is_dir():
         return None
     for run_dir in sorted(task_dir.iterdir()):
-        suffix = run_dir.name[len(run_name) :]
-        if run_dir.name.startswith(run_name) and _RUN_DIR_SUFFIX.fullmatch(suffix):
+        if is_run_dir_of(run_name, run_dir.name):
             result = run_dir / paths.RESULT_FILENAME
             if result.is_file():
                 if check_config:

@@ -15,6 +15,7 @@ import torch
 
 import tsft.paths
 import tsft.pipeline
+from tsft.integrations.run_adapter import evaluate_run
 from tsft.launch import Launch, current_launch, stable_run_name
 from tsft.lit.stopping import RunStopped
 from tsft.pipeline import run, trainer_arguments
@@ -195,3 +196,5 @@ def test_fsdp_on_two_cpu_ranks_trains_and_resumes_a_gated_run_exactly(tmp_path, 
     assert expected.keys() == actual.keys()
     for key in expected:
         assert torch.equal(expected[key], actual[key]), key
+    # the adapter the sharded run left (gathered from the shards) gives its evaluation again in one process
+    assert evaluate_run(stopped) == json.loads((stopped / "result.json").read_text())["metrics"]

@@ -272,6 +272,11 @@ def fit_and_evaluate(
         **getattr(module, "eval_extras", {}),  # CSR: share of answers that parse, per test set
         **(extras or {}),
     )
+    if cfg.peft.name != "heads" and cfg.get("export", {}).get("adapter", True):
+        from tsft.integrations.run_adapter import save_run_adapter
+
+        # every rank: gathering a sharded adapter is collective; rank 0 writes <run_dir>/adapter/
+        save_run_adapter(module.model, run_dir, cfg, result, write=trainer.is_global_zero)
     if trainer.is_global_zero:
         if cfg.peft.name == "heads":  # a stage-1 run: what the next stage starts from (model.init_from)
             from tsft.models.build import save_heads

@@ -87,8 +87,8 @@ def _matches(name: str, targets: list[str]) -> bool:
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter weights only (names contain ``adapter_``), for export beside the base model."""
-    return {n: p.detach().cpu() for n, p in model.named_parameters() if ".adapter_" in f".{n}"}
+    """The adapter weights and whatever else trains (the task heads), for export beside the base model."""
+    return {n: p.detach().cpu() for n, p in model.named_parameters() if ".adapter_" in f".{n}" or p.requires_grad}
 
 
 def find_adapter_layers(model: nn.Module) -> list[ParallelAdapterLayer]:

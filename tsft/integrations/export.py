@@ -63,8 +63,9 @@ def load_gate_state(model: nn.Module, directory: PathLike) -> list:
     return gates
 
 
-def save_gated_model(model: nn.Module, directory: PathLike) -> None:
-    """The adapter in peft's format (or tsft's, for Parallel Adapters) and the gate state beside it."""
+def save_gated_model(model: nn.Module, directory: PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """The adapter in peft's format (or tsft's, for Parallel Adapters) and the gate state beside it.
+    ``state_dict``: the model's entries to save instead of reading them from the model (gathered from shards)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     adapters = [(n, m) for n, m in model.named_modules() if isinstance(m, ParallelAdapterLayer)]
@@ -78,9 +79,10 @@ def save_gated_model(model: nn.Module, directory: PathLike) -> None:
             "dropout": first.dropout_rate,
         }
         _write_atomically(directory / ADAPTER_SETTINGS_FILE, json.dumps(settings, indent=1))
-        save_file(adapter_state_dict(model), str(directory / ADAPTER_WEIGHTS_FILE))
+        weights = adapter_state_dict(model) if state_dict is None else state_dict
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(directory / ADAPTER_WEIGHTS_FILE))
     elif hasattr(model, "save_pretrained") and hasattr(model, "peft_config"):
-        model.save_pretrained(str(directory))
+        model.save_pretrained(str(directory), state_dict=state_dict)
     else:
         raise TypeError("save_gated_model expects a peft model or a model with tsft Parallel Adapters")
     if find_token_gates(model):
@@ -103,6 +105,11 @@ def load_gated_model(base_model: nn.Module, directory: PathLike) -> nn.Module:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(base_model, str(directory))
+        inner = getattr(model, "base_model", None)
+        if hasattr(inner, "rankallocator") or type(inner).__name__ == "AdaLoraModel":
+            # peft's AdaLoraModel.forward adds its orthogonal regularisation to any loss and reads the trainable
+            # adapter's name for it, which a model loaded for inference lacks: name the loaded one
+            inner.__dict__.setdefault("trainable_adapter_name", model.active_adapter)
     if (directory / GATE_FILE).exists():
         load_gate_state(model, directory)
     return model

@@ -167,6 +167,14 @@ NUMERIC_KEYS = {
     "sparsity.lambda": float,
     "sparsity.s": float,
     "sparsity.alpha": float,
+    "sparsity.target": float,
+    "sparsity.target_gain": float,
+    "sparsity.target_max_step": float,
+    "sparsity.target_ema": float,
+    "sparsity.target_horizon": float,
+    "sparsity.target_warmup": float,
+    "sparsity.target_drive_max": float,
+    "sparsity.target_proportional": float,
 }
 
 
@@ -314,9 +322,11 @@ def _positive_int(section: DictConfig, key: str) -> None:
 
 def _check_sparsity(sparsity: DictConfig) -> None:
     from tsft.gate import GateConfig  # the gate validates its own settings
+    from tsft.gate.controller import ControllerConfig
 
     try:
         GateConfig.from_mapping(sparsity)
+        ControllerConfig.from_mapping(sparsity)
     except ValueError as err:
         raise InputError(str(err)) from None
 

@@ -37,6 +37,7 @@ class ThresholdOptimizer:
         self._table = share_table(self.gates, self.gates[0].tau.device)
         self._state: Optional[torch.Tensor] = None  # (len(STATE), gates); its entries are the gates' buffers
         self._views: list[torch.Tensor] = []
+        self.drive: Optional[torch.Tensor] = None  # per gate, added to g: the target-sparsity controller's term
         self.skipped_steps = 0  # steps skipped because the loss scaler found inf/NaN gradients
         # Linked now rather than at the first step: a DistributedDataParallel wrapper built after this
         # collects the model's buffers once, and its buffer broadcast must reach the tensors the step updates.
@@ -55,6 +56,8 @@ class ThresholdOptimizer:
         reduce_pending(self.gates)  # all gates' queued backward records in one batched pass
         state = self._linked_state()
         g = self._gathered_grad(loss_scale).to(state.dtype)
+        if self.drive is not None:  # tsft.gate.controller: the same on every rank (set from all-reduced counts)
+            g = g + self.drive.to(g.dtype)
         if found_inf or (loss_scale != 1 and not bool(torch.isfinite(g).all())):
             self._skip()
             return False
@@ -82,6 +85,12 @@ class ThresholdOptimizer:
                 stacklevel=3,
             )
         self.zero_grad()
+
+    @torch.no_grad()
+    def clamp_thresholds(self, low: float = 0.0) -> None:
+        """tau <- max(tau, low) for every gate. A tau below 0 switches no more tokens on than 0 does (the ratio is
+        >= 0), so below 0 only builds up a lag; the target-sparsity controller projects tau back after each step."""
+        self._linked_state()[0].clamp_(min=low)
 
     def taus(self) -> torch.Tensor:
         """Every gate's tau as one vector (a copy), in gate order: one small copy, cheap to take every step."""

@@ -11,6 +11,7 @@ import torch
 
 from tsft.gate.attach import find_token_gates
 from tsft.gate.config import GateConfig
+from tsft.gate.controller import ControllerConfig, SparsityController
 from tsft.gate.report import sparsity_summary
 from tsft.gate.threshold import ThresholdOptimizer
 
@@ -42,6 +43,10 @@ class TokenGateCallback(pl.Callback):
         self.trace = bool(trace_path) or (isinstance(config, Mapping) and bool(config.get("trace_tau", False)))
         self.trace_path = Path(trace_path) if trace_path else None
         self.config = GateConfig.from_mapping(config) if isinstance(config, Mapping) else config
+        # sparsity.target: a drive on the threshold steps follows the training sparsity (tsft.gate.controller)
+        self.controller_config = ControllerConfig.from_mapping(config) if isinstance(config, Mapping) else None
+        self.controller: Optional[SparsityController] = None
+        self._controller_state: Optional[dict[str, Any]] = None  # from a checkpoint, applied once set up
         self.log_modules = log_modules
         self.thresholds: Optional[ThresholdOptimizer] = None
         self._trace_rows: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (step, loss, taus)
@@ -52,6 +57,19 @@ class TokenGateCallback(pl.Callback):
         if not gates:
             raise RuntimeError("TokenGateCallback found no token gates: call tsft.gate.add_token_gates on the model")
         self.thresholds = ThresholdOptimizer(gates, self.config)
+        if self.controller_config is not None and self.controller is None and stage == "fit":
+            steps = int(trainer.estimated_stepping_batches)
+            self.controller = SparsityController(self.thresholds, self.controller_config, steps)
+            if self._controller_state is not None:
+                self.controller.load_state_dict(self._controller_state)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"controller": self.controller.state_dict()} if self.controller is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._controller_state = state_dict.get("controller")
+        if self.controller is not None and self._controller_state is not None:
+            self.controller.load_state_dict(self._controller_state)
 
     # ------------------------------------------------------------------ training
     def on_train_epoch_start(self, trainer, pl_module) -> None:
@@ -60,6 +78,8 @@ class TokenGateCallback(pl.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         self.thresholds.step(*loss_scale_of_step(getattr(trainer.precision_plugin, "scaler", None), optimizer))
+        if self.controller is not None:
+            self.controller.update(trainer.global_step + 1)  # λ for the next step
         if self.trace:
             # the step's number once taken (global_step counts it after this hook), its loss, tau after it
             loss = self._step_loss if self._step_loss is not None else torch.tensor(float("nan"))
@@ -85,6 +105,8 @@ class TokenGateCallback(pl.Callback):
             summary = sparsity_summary(self.thresholds.gates, splits=("train",))
             if summary["train_overall"] is not None:
                 pl_module.log("sparsity/train", summary["train_overall"], prog_bar=True)
+            if self.controller is not None and self.controller.trajectory:
+                pl_module.log("sparsity/drive", self.controller.trajectory[-1]["drive"])
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._log_and_store(pl_module, "train")
@@ -109,6 +131,8 @@ class TokenGateCallback(pl.Callback):
 
     def _log_and_store(self, pl_module: pl.LightningModule, split: str) -> None:
         summary = sparsity_summary(self.thresholds.gates)
+        if self.controller is not None:
+            summary["target"] = self.controller.report()
         pl_module.sparsity_report = summary
         overall = summary["overall" if split == "eval" else "train_overall"]
         if overall is None:

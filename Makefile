@@ -16,7 +16,7 @@ ifneq ($(TSFT_DATA_DIR),)
 export TSFT_DATA_DIR
 endif
 
-.PHONY: help install test test-slow quickstart bench-gate bench-pipeline lint clean
+.PHONY: help install test test-slow quickstart bench-gate bench-export bench-pipeline lint clean
 
 help: ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -49,8 +49,14 @@ quickstart: install ## TS-LoRA on SST-2 with MiniLM-L6 on the CPU (~2 min); prin
 bench-gate: install ## gate cost: step time and peak memory gated / dense per method and model (20-25 min on 2 cores)
 	$(PY) scripts/bench_gate_overhead.py
 
-bench-pipeline: install ## end-to-end: train.py vs a plain HF Trainer + peft loop (MiniLM-L6, SST-2), throughput and start-up
-	$(PY) scripts/bench_pipeline.py
+bench-export: install ## merge-aware export: inference speed and score of base / dense merged / gated / exported (RUN=<a TS run dir>)
+	@test -n "$(RUN)" || { echo "error: set RUN=<the folder of a finished TS run>, e.g. RUN=results/runs/glue/sst2/<run>"; exit 2; }
+	$(PY) scripts/bench_export.py $(RUN)
+
+bench-pipeline: install ## end-to-end: train.py vs a plain HF Trainer + peft loop (MiniLM-L6 SST-2, SmolLM2 CSR), batched vs batch-1 CSR evaluation (~25 min)
+	$(PY) scripts/bench_pipeline.py --model minilm --rounds 3
+	$(PY) scripts/bench_pipeline.py --model smollm2 --rounds 3
+	$(PY) scripts/bench_csr_eval.py --per-set 16 --batch 16
 
 lint: install ## ruff
 	$(VENV)/bin/ruff check .

@@ -243,3 +243,22 @@ def test_eval_limit_keeps_the_same_random_records_in_file_order():
     assert limited == again
     positions = [full["hellaswag"].index(r) for r in limited["hellaswag"]]
     assert positions == sorted(positions) and positions[-1] > 5000  # not a prefix: reaches the WikiHow half
+
+
+def test_the_test_loader_batches_prompts_of_similar_length_and_keeps_every_record(tmp_path, tokenizer):
+    # records of very different lengths, in an order that interleaves them
+    records = [{**BOOLQ, "instruction": f"{'long ' * (40 * (i % 3))}#{i} {BOOLQ['instruction']}"} for i in range(9)]
+    _write(tmp_path / "csr" / "boolq" / "train.json", records)
+    for name in TEST_SETS:
+        _write(tmp_path / "csr" / name / "test.json", records)
+    task = OmegaConf.create({"max_length": 256, "val_set_size": 2, "train_on_inputs": False, "train_limit": None,
+                             "eval_limit": None, "batch_size": 4, "eval_batch_size": 3})  # fmt: skip
+    dm = CSRDataModule(task, tokenizer, OmegaConf.create({"data_dir": str(tmp_path)}), seed=1)
+    dm.setup("fit")
+    batches = list(dm.test_dataloader()[0])
+    seen = [record["instruction"] for batch in batches for record in batch]
+    assert sorted(seen) == sorted(r["instruction"] for r in records)  # each record once
+    lengths = [[len(tokenizer(build_prompt(r))["input_ids"]) for r in batch] for batch in batches]
+    flat = [n for batch in lengths for n in batch]
+    assert flat == sorted(flat, reverse=True)  # longest first: each batch holds one length class here
+    assert [len(set(batch)) for batch in lengths] == [1, 1, 1]

@@ -87,6 +87,14 @@ def build_prompt(record: dict[str, Any]) -> str:
     return PROMPT.format(instruction=record["instruction"])
 
 
+def by_prompt_length(records: list[dict[str, Any]], tokenizer: Any) -> list[dict[str, Any]]:
+    """The records, longest prompt (in tokens) first; ties keep their order."""
+    if not records:
+        return records
+    lengths = [len(ids) for ids in tokenizer([build_prompt(r) for r in records], add_special_tokens=True)["input_ids"]]
+    return [records[i] for i in sorted(range(len(records)), key=lambda i: -lengths[i])]
+
+
 def answer_choices(record: dict[str, Any]) -> list[str]:
     """The answers the instruction offers, from its closing "Answer format: a/b/..." line ([] without one)."""
     match = _ANSWER_FORMAT.search(record["instruction"])
@@ -291,8 +299,11 @@ class CSRDataModule(L.LightningDataModule):
         return DataLoader(self.val_examples, batch_size=self.task.eval_batch_size, collate_fn=self._collate)
 
     def test_dataloader(self) -> list[DataLoader]:
-        # Records stay records: tsft.eval.csr builds the prompts its evaluation mode needs.
+        # Records stay records: tsft.eval.csr builds the prompts its evaluation mode needs. Batches hold prompts of
+        # similar length (longest first, so an out-of-memory batch shows at once): left padding then wastes little
+        # of the prefill, which on a CPU costs as much per token at batch 16 as at batch 1. The scores are counts,
+        # so the order does not change them.
         return [
-            DataLoader(records, batch_size=self.task.eval_batch_size, collate_fn=list)
+            DataLoader(by_prompt_length(records, self.tokenizer), batch_size=self.task.eval_batch_size, collate_fn=list)
             for records in self.test_sets.values()
         ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Union
+from typing import Any, Collection, Mapping, Optional, Union
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -15,8 +15,11 @@ from tsft.gate.hosts import GATED_CLASSES, GatedLayerMixin
 _CONTEXT_ATTR = "_tsft_gate_context"
 
 
-def add_token_gates(model: nn.Module, config: Union[GateConfig, Mapping[str, Any]]) -> list[TokenGate]:
-    """Gate every LoRA / DoRA / AdaLoRA layer of a peft model and every tsft Parallel Adapter.
+def add_token_gates(
+    model: nn.Module, config: Union[GateConfig, Mapping[str, Any]], only: Optional[Collection[str]] = None
+) -> list[TokenGate]:
+    """Gate every LoRA / DoRA / AdaLoRA layer of a peft model and every tsft Parallel Adapter (``only``: just the
+    layers of these names, e.g. what a merge-aware export left gated; the others stay dense).
 
     Returns the gates in module order. Call it after the PEFT layers exist and before the
     optimizer is built or a checkpoint is loaded (the thresholds are module buffers). Calling the
@@ -29,7 +32,7 @@ def add_token_gates(model: nn.Module, config: Union[GateConfig, Mapping[str, Any
     gates = []
     for name, module in model.named_modules():
         gated_class = _gated_class_for(module)
-        if gated_class is None:
+        if gated_class is None or (only is not None and name not in only):
             continue
         _check_gateable(name, module)
         module.__class__ = gated_class

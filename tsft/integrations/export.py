@@ -49,7 +49,9 @@ def load_gate_state(model: nn.Module, directory: PathLike) -> list:
     """Gate ``model`` (if it is not yet) with the saved settings and restore every gate's state."""
     path = Path(directory) / GATE_FILE
     state: dict[str, Any] = json.loads(path.read_text())
-    gates = find_token_gates(model) or add_token_gates(model, GateConfig.from_mapping(state["config"]))
+    gates = find_token_gates(model) or add_token_gates(
+        model, GateConfig.from_mapping(state["config"]), only=state["gates"].keys()
+    )
     by_name = {g.name: g for g in gates}
     if by_name.keys() != state["gates"].keys():
         missing, extra = state["gates"].keys() - by_name.keys(), by_name.keys() - state["gates"].keys()

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from tsft import paths
+from tsft.gate.attach import find_token_gates
 from tsft.integrations.export import _write_atomically, load_gated_model, save_gated_model
 
 ADAPTER_SUBDIR = "adapter"
@@ -128,11 +129,16 @@ def load_run(run_dir: str | Path) -> tuple[nn.Module, Any, DictConfig]:
 
 def evaluate_run(run_dir: str | Path) -> dict[str, Any]:
     """Evaluate the run's saved adapter on the run's own evaluation data and settings; returns the metrics."""
+    return evaluate_model(*load_run(run_dir))
+
+
+def evaluate_model(model: nn.Module, tokenizer: Any, cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate ``model`` on the evaluation data and settings of the run whose config is ``cfg``; the metrics.
+    Its gates (if any) count the evaluation tokens as in the run (each gate's ``sparsity("eval")``)."""
     import lightning as L
 
     from tsft.pipeline import task_family
 
-    model, tokenizer, cfg = load_run(run_dir)
     family = task_family(cfg)
     datamodule = family.datamodule(cfg, tokenizer)
     datamodule.setup("fit")
@@ -146,7 +152,10 @@ def evaluate_run(run_dir: str | Path) -> dict[str, Any]:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
+    for gate in find_token_gates(model):
+        gate.reset_stats("eval")  # the counts then cover this evaluation only, as the run's callback does
     getattr(trainer, family.evaluate)(module, datamodule=datamodule, verbose=False)
+    model.eval()  # Lightning leaves the module in training mode after an evaluation loop
     return module.eval_metrics
 
 

@@ -264,7 +264,29 @@ def test_calibrated_lambda_runs_get_their_own_rows(tmp_path):
     assert rows[(calibrated, "sparsity % — ours")]["SST-2"] == "50.0 ± 0.0 (n=2)"
     assert rows[(calibrated, "λ — ours")]["SST-2"] == "1e-7"
     assert rows[(calibrated, PAIRED)]["SST-2"] == "-1.0 [-1.0, -1.0] (n=2)"  # sd 0: a zero-width interval
-    assert "(calibrated λ): runs of the TS method at a λ other than the paper's" in text
+    assert "(calibrated λ): runs of the TS method at a λ or gate scale s other than the paper's" in text
+
+
+def test_a_column_already_in_range_at_the_papers_setting_fills_the_calibrated_row(tmp_path):
+    runs = tmp_path / "runs"
+    lams = tables.load_paper("table3")["methods"]["ts-lora"]["lambda"]
+    for seed in (1, 2):
+        for task, paper_sparsity in (("sst2", 0.3), ("cola", 0.55), ("mrpc", 0.9)):
+            write_run(runs, task=f"glue/{task}", method="lora", seed=seed, score=80.0 + seed)
+            write_run(runs, task=f"glue/{task}", method="ts-lora", seed=seed, score=79.0 + seed,
+                      sparsity=paper_sparsity, lam=lams[task])  # fmt: skip
+        # SST-2 is calibrated (the paper's setting gives 30 %), CoLA is not needed (55 %), MRPC would be (90 %)
+        write_run(runs, task="glue/sst2", method="ts-lora", seed=seed, score=78.0 + seed, sparsity=0.5,
+                  lam=lams["sst2"], s=3e-4, name=f"cal-{seed}")  # fmt: skip
+    text, _ = build(runs)
+    rows = md_rows(text)
+    calibrated = "TS-LoRA (calibrated λ)"
+    assert rows[(calibrated, "sparsity % — ours")]["SST-2"] == "50.0 ± 0.0 (n=2)"
+    assert rows[(calibrated, "sparsity % — ours")]["CoLA"] == "55.0 ± 0.0 (n=2)"  # the paper-setting runs
+    assert rows[(calibrated, "score — ours")]["CoLA"] == rows[("TS-LoRA", "score — ours")]["CoLA"]
+    assert rows[(calibrated, "s — ours")]["CoLA"] == "1e-4"
+    assert rows[(calibrated, "sparsity % — ours")]["MRPC"] == "—"  # out of range and not calibrated: missing
+    assert "TS-LoRA (calibrated λ) / CoLA: the paper's λ and s already give 55.0 % sparsity (in 40–70 %)" in text
 
 
 def test_header_states_scale_and_lists_disagreements(cpu_grid):

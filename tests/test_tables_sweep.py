@@ -50,3 +50,20 @@ def test_sweep_refuses_to_pool_models(tmp_path, capsys):
 def test_sweep_without_runs_fails_clearly(tmp_path, capsys):
     assert load_script("sweep_summary").main(["--runs", str(tmp_path), "--out", str(tmp_path / "f")]) == 1
     assert "no TS runs with a λ" in capsys.readouterr().err
+
+
+def test_a_sweep_over_s_and_the_overview_figure(tmp_path, capsys):
+    runs, out = tmp_path / "runs", tmp_path / "figures"
+    for s, sparsity in ((1e-4, 0.2), (3e-4, 0.55), (1e-3, 0.8)):
+        write_run(runs, task="glue/sst2", method="ts-lora", seed=1, score=80.0, sparsity=sparsity, lam=2e-5, s=s,
+                  preset="cpu", name=f"ts-{s}")  # fmt: skip
+    write_run(runs, task="glue/sst2", method="lora", seed=1, score=82.0, preset="cpu")
+    overview = out / "overview.png"
+    argv = ["--runs", str(runs), "--over", "s", "--overview", str(overview), "--band", "40", "70"]
+    assert load_script("sweep_summary").main(argv) == 0
+    printed = capsys.readouterr().out
+    assert any(line.split()[:2] == ["3e-4", "80.0"] and "55.0" in line for line in printed.splitlines())
+    assert overview.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # over λ the three runs share one λ and seed: a conflict, not a curve
+    assert load_script("sweep_summary").main(["--runs", str(runs), "--out", str(out)]) == 0
+    assert "a seed appears in several runs" in capsys.readouterr().out

@@ -75,3 +75,26 @@ def test_the_composed_tiny_llava_keeps_smollm2_and_dinov2_exactly(onnx_file):
     with torch.no_grad():
         out = model(input_ids=image_ids, pixel_values=torch.randn(1, 3, 224, 224))
     assert out.logits.shape[:2] == image_ids.shape and model.config.image_seq_length == 256
+
+
+def test_a_tokenizer_only_folder_is_completed_by_the_full_preparation(onnx_file, tmp_path):
+    # on a fresh cache the tiny random LLaVAs of the tests prepare the tokenizer first; the full composition
+    # must then replace that folder (it once failed: "Directory not empty")
+    from tsft import paths
+    from tsft.models import llava, smollm2
+
+    from .helpers import compose_config
+
+    shared = paths.cache_dir(compose_config([]).paths) / "models"
+    smollm2.prepare(shared / "smollm2-135m")
+    dinov2.prepare(shared / "dinov2-s14")
+    cache = tmp_path / "models"
+    cache.mkdir()
+    for sibling in ("smollm2-135m", "dinov2-s14"):  # the converted models, not converted again
+        (cache / sibling).symlink_to(shared / sibling)
+    folder = cache / "llava-cpu"
+    llava.prepare(folder, tokenizer_only=True)
+    assert (folder / "tokenizer.json").is_file() and not (folder / "config.json").exists()
+    llava.prepare(folder, tokenizer_only=False)
+    assert (folder / "config.json").is_file() and (folder / llava.PROCESSOR_FILE).is_file()
+    assert sorted(p.name for p in cache.iterdir()) == ["dinov2-s14", "llava-cpu", "smollm2-135m"]  # no temp left

@@ -11,6 +11,8 @@ the tokenizer with ``<image>`` added and the image processor's settings into one
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -70,22 +72,26 @@ def prepare(folder: Path, tokenizer_only: bool) -> None:
         return
     cache = folder.parent
     text_folder = cache / "smollm2-135m"
-    if tokenizer_only:  # the tokenizer alone (tiny random LLaVAs of the tests): SmolLM2's, with <image>
-        smollm2.prepare(text_folder, tokenizer_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(text_folder)
-        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-        tokenizer.save_pretrained(folder)
-        return
-    smollm2.prepare(text_folder, tokenizer_only=False)
-    vision_folder = dinov2.prepare(cache / "dinov2-s14")
+    smollm2.prepare(text_folder, tokenizer_only=tokenizer_only)
     tokenizer = AutoTokenizer.from_pretrained(text_folder)
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    torch.manual_seed(0)  # the projector's initialisation: the same folder on every machine
-    model = compose(vision_folder, text_folder, tokenizer)
-    partial = folder.with_name(folder.name + ".partial")
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    (partial / PROCESSOR_FILE).write_text(
-        json.dumps({"size": IMAGE_SIZE, "mean": IMAGE_MEAN, "std": IMAGE_STD}, indent=1) + "\n"
-    )
+    cache.mkdir(parents=True, exist_ok=True)
+    # Written under a temporary name, then swapped in: a tokenizer-only folder (tiny random LLaVAs of the tests)
+    # is replaced by the complete one, and an interrupted preparation leaves nothing under the folder's name.
+    partial = Path(tempfile.mkdtemp(dir=cache, prefix=f".{folder.name}-"))
+    partial.chmod(0o755)
+    try:
+        tokenizer.save_pretrained(partial)
+        if not tokenizer_only:
+            vision_folder = dinov2.prepare(cache / "dinov2-s14")
+            torch.manual_seed(0)  # the projector's initialisation: the same folder on every machine
+            compose(vision_folder, text_folder, tokenizer).save_pretrained(partial)
+            (partial / PROCESSOR_FILE).write_text(
+                json.dumps({"size": IMAGE_SIZE, "mean": IMAGE_MEAN, "std": IMAGE_STD}, indent=1) + "\n"
+            )
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if folder.exists():  # the tokenizer-only folder being completed
+        shutil.rmtree(folder)
     partial.rename(folder)

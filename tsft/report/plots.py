@@ -141,17 +141,18 @@ def plot_overview(sweeps: list[Sweep], path: Path, band: tuple[float, float] | N
     fig = Figure(figsize=(10, 4), layout="constrained")
     FigureCanvasAgg(fig)
     ax_score, ax_sparsity = fig.subplots(1, 2)
-    for sweep in sweeps:
+    colours = [f"C{i % 10}" for i in range(len(sweeps))]  # one colour per sweep in both panels
+    for sweep, colour in zip(sweeps, colours):
         label = f"{short_key(sweep.task)} {sweep.method}"
         base = sweep.baseline.mean if sweep.baseline is not None else None
         scored = [(p.value, p.score) for p in sweep.points if p.score is not None and base is not None]
         if scored:
             xs, ys, errs = [x for x, _ in scored], [s.mean - base for _, s in scored], [s.std or 0.0 for _, s in scored]
-            ax_score.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=label)
+            ax_score.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=label, color=colour)
         sparse = [(p.value, p.sparsity) for p in sweep.points if p.sparsity is not None]
         if sparse:
             xs, ys, errs = [x for x, _ in sparse], [s.mean for _, s in sparse], [s.std or 0.0 for _, s in sparse]
-            ax_sparsity.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=label)
+            ax_sparsity.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=label, color=colour)
             for x, s in sparse:
                 ax_sparsity.annotate(f"n={s.n}", (x, s.mean), fontsize=6, xytext=(3, 3), textcoords="offset points")
     if band is not None:

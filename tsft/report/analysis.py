@@ -276,9 +276,13 @@ def make_figure3(runs_dir: Path, preset: str, out_dir: Path, module: str) -> lis
         twin.plot(steps, [r[column] for r in rows], color="tab:red", linestyle="--", label="τ")
         twin.set_ylabel(f"τ of {names[column].removeprefix('base_model.model.')}", color="tab:red", fontsize="small")
         run = traced[adam]
-        ax.set_title(f"{title} — {run.get('task')}, λ {run.get('lambda')}", fontsize="medium")
+        overall = (run.get("sparsity") or {}).get("overall")
+        reached = "" if overall is None else f", eval sparsity {100 * overall:.1f} %"
+        ax.set_title(f"{title} — {run.get('task')}, λ {run.get('lambda')}{reached}", fontsize="medium")
         ax.grid(True, alpha=0.3)
-    fig.suptitle(f"Figure 3 — threshold dynamics of one TS-LoRA layer (preset {preset})", fontsize="medium")
+    scale = traced[True].get("scale") or {}
+    at = ", ".join(f"{k} {scale[k]}" for k in ("model", "max_steps", "max_length") if k in scale)
+    fig.suptitle(f"Figure 3 — threshold dynamics of one TS-LoRA layer (preset {preset}; {at})", fontsize="medium")
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=120)
     stem = "figure3" if preset == "paper" else f"figure3_{preset}"

@@ -73,14 +73,15 @@ def build_variants(run_dir: Path, settings: list[tuple[float, float]], workdir: 
         variants[name] = model.eval()
     for merge_at, drop_at in settings:
         name = f"merge-aware ({merge_at:g} / {drop_at:g})"
-        summary = export_run(run_dir, workdir / name.replace(" ", "_").replace("/", ""), merge_at, drop_at)
+        folder = workdir / f"export-{merge_at:g}-{drop_at:g}"
+        summary = export_run(run_dir, folder, merge_at, drop_at)
         facts[name] = {
             "score": summary["score_after"],
             "score_change": summary.get("score_change"),
             "counts": summary["counts"],
             "changed_decisions": summary["changed_decisions"],
         }
-        variants[name], _ = load_export(workdir / name.replace(" ", "_").replace("/", ""))
+        variants[name], _ = load_export(folder)
     return variants, facts, (tokenizer, cfg)
 
 

@@ -108,7 +108,7 @@ def write_export(
     """Apply ``plan`` and write ``directory``: ``base/`` (the transformers model with the merged weights and the
     trained heads, and the tokenizer), ``adapter/`` (the modules still gated or dense, if any) and ``export.json``
     (the plan, ``record`` and how to load it). The in-memory model is consumed (unloaded into ``base``)."""
-    directory = Path(directory)
+    directory, record = Path(directory), dict(record)
     apply_export_plan(model, plan)
     remaining = [step.name for step in plan if step.action in ("gate", "dense")]
     if remaining:

@@ -62,12 +62,17 @@ def find_token_gates(model: nn.Module) -> list[TokenGate]:
 def remove_token_gates(model: nn.Module) -> None:
     """Restore the plain PEFT layers (dense updates); thresholds are discarded."""
     for module in model.modules():
-        if isinstance(module, GatedLayerMixin):
-            del module.token_gate
-            module.__class__ = next(base for base in type(module).__mro__[1:] if base is not GatedLayerMixin)
+        ungate(module)
     for entry in _entry_points(model):
         if hasattr(entry, _CONTEXT_ATTR):
             delattr(entry, _CONTEXT_ATTR)  # the mask hook stays registered but finds nothing to feed
+
+
+def ungate(module: nn.Module) -> None:
+    """One gated layer back to its plain PEFT (or tsft) class, its threshold discarded; anything else is left alone."""
+    if isinstance(module, GatedLayerMixin):
+        del module.token_gate
+        module.__class__ = next(base for base in type(module).__mro__[1:] if base is not GatedLayerMixin)
 
 
 def _entry_points(model: nn.Module) -> list[nn.Module]:

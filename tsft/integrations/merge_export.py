@@ -33,8 +33,7 @@ from typing import Any, Optional
 from torch import nn
 
 from tsft.gate.adapter import ParallelAdapterLayer
-from tsft.gate.attach import find_token_gates
-from tsft.gate.hosts import GatedLayerMixin
+from tsft.gate.attach import find_token_gates, ungate
 from tsft.integrations.export import _write_atomically, load_gated_model, save_gated_model
 
 PLAN_FILE = "export.json"
@@ -86,7 +85,7 @@ def apply_export_plan(model: nn.Module, plan: list[ModuleAction]) -> nn.Module:
         if step.action == "gate":
             continue
         host = model.get_submodule(step.name)
-        _ungate(host)
+        ungate(host)
         if step.action == "merge":
             host.merge(safe_merge=True)  # peft's own merge: DoRA's magnitude and AdaLoRA's E included
         if step.action in ("merge", "drop"):
@@ -142,13 +141,6 @@ def load_export(directory: Path) -> tuple[nn.Module, Any]:
     tokenizer = AutoTokenizer.from_pretrained(str(directory / BASE_SUBDIR))
     model = load_gated_model(base, directory / ADAPTER_SUBDIR) if (directory / ADAPTER_SUBDIR).is_dir() else base
     return model.eval(), tokenizer
-
-
-def _ungate(host: nn.Module) -> None:
-    """Remove one module's gate: the layer is its plain peft (or tsft) class again."""
-    if isinstance(host, GatedLayerMixin):
-        del host.token_gate
-        host.__class__ = next(base for base in type(host).__mro__[1:] if base is not GatedLayerMixin)
 
 
 def _unload(model: nn.Module) -> nn.Module:

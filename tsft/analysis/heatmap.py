@@ -40,7 +40,7 @@ class TokenDecisions:
         rows: dict[Optional[int], list[int]] = defaultdict(list)
         for index, layer in enumerate(self.layers):
             rows[layer].append(index)
-        order = sorted(rows, key=lambda layer: (layer is None, layer if layer is not None else 0))
+        order = sorted(rows, key=lambda layer: (layer is None, layer or 0))  # numbered layers first, in order
         return order, torch.stack([self.on[rows[layer]].float().mean(0) for layer in order])
 
 
@@ -82,12 +82,11 @@ def token_decisions(model: nn.Module, tokenizer, text: str, text_pair: Optional[
             model(**batch)
     finally:
         model.train(was_training)
-    positions = batch["input_ids"].shape[1]
     rows = []
     for gate in gates:
         if len(seen[gate.name]) != 1:
             raise RuntimeError(f"gate {gate.name} decided {len(seen[gate.name])} times in one pass (expected once)")
-        rows.append(seen[gate.name][0].reshape(-1)[-positions:].bool())
+        rows.append(seen[gate.name][0].reshape(-1).bool())  # one sequence: one decision per position
     tokens = tokenizer.convert_ids_to_tokens(batch["input_ids"][0].tolist())
     return TokenDecisions(tokens, [g.name for g in gates], [g.layer for g in gates], torch.stack(rows))
 

@@ -38,6 +38,10 @@ class ParallelAdapterLayer(nn.Module):
         self.adapter_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.disable_adapters = False
 
+    def get_base_layer(self) -> nn.Linear:
+        """The frozen layer, as peft's tuner layers name it (gated layers and exports read it the same way)."""
+        return self.base_layer
+
     def bottleneck(self, x: torch.Tensor) -> torch.Tensor:
         """The rank-``hidden_size`` activation ``u`` of the update ``u @ (scale * up)^T``."""
         x = x.to(self.adapter_down.weight.dtype)

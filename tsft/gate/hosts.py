@@ -147,9 +147,6 @@ class GatedParallelAdapter(GatedLayerMixin, ParallelAdapterLayer):
     def external_weights(self) -> list[torch.nn.Parameter]:
         return [self.adapter_up.weight]
 
-    def get_base_layer(self) -> torch.nn.Module:
-        return self.base_layer
-
 
 # Checked in order: AdaLoRA's SVDLinear is also a LoraLayer, so it must come before lora.Linear.
 GATED_CLASSES: list[tuple[type, type]] = [

@@ -89,9 +89,7 @@ def apply_export_plan(model: nn.Module, plan: list[ModuleAction]) -> nn.Module:
         if step.action == "merge":
             host.merge(safe_merge=True)  # peft's own merge: DoRA's magnitude and AdaLoRA's E included
         if step.action in ("merge", "drop"):
-            parent_name, _, child = step.name.rpartition(".")
-            base = host.base_layer if isinstance(host, ParallelAdapterLayer) else host.get_base_layer()
-            setattr(model.get_submodule(parent_name), child, base)
+            _replace(model, step.name, host.get_base_layer())
     return model
 
 
@@ -150,9 +148,13 @@ def _unload(model: nn.Module) -> nn.Module:
         return model.unload()
     for name, module in list(model.named_modules()):
         if isinstance(module, ParallelAdapterLayer):
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, module.base_layer)
+            _replace(model, name, module.get_base_layer())
     return model
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, module)  # get_submodule("") is the model itself
 
 
 def _backbone_name(name: str) -> str:

@@ -13,7 +13,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from tsft.report.render import fmt_sci, fmt_stat, write_atomic
-from tsft.report.runs import Stat, seed_stat, short_key
+from tsft.report.runs import Stat, gate_scale, seed_stat, short_key
 
 VARIABLES = {"lambda": "λ", "s": "gate scale s"}  # what a sweep varies -> its axis label
 
@@ -48,10 +48,8 @@ def sweep_keys(runs: list[dict[str, Any]]) -> set[tuple[str, str, str, str]]:
 
 def swept_value(run: dict[str, Any], variable: str) -> float | None:
     """The run's λ, or its gate scale s (config.sparsity.s)."""
-    if variable == "lambda":
-        return None if run.get("lambda") is None else float(run["lambda"])
-    s = ((run.get("config") or {}).get("sparsity") or {}).get("s")
-    return None if s is None else float(s)
+    value = run.get("lambda") if variable == "lambda" else gate_scale(run)
+    return None if value is None else float(value)
 
 
 def build_sweep(

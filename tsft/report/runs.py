@@ -29,6 +29,11 @@ class Stat:
     n: int | None
 
 
+def gate_scale(run: dict[str, Any]) -> float | None:
+    """The run's sparsity.s (Eq. 10's surrogate scale, which also bounds tau's step: docs/small-scale.md)."""
+    return ((run.get("config") or {}).get("sparsity") or {}).get("s")
+
+
 def load_runs(runs_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
     """All result.json files below runs_dir, and a list of files that could not be read."""
     runs, unreadable = [], []

@@ -22,6 +22,7 @@ from tsft.report.render import MISSING, Grid, Report, fmt_paired, fmt_sci, fmt_s
 from tsft.report.runs import (
     Stat,
     average_stat,
+    gate_scale,
     load_runs,
     paired_diff,
     per_seed_average,
@@ -97,11 +98,6 @@ class MethodData:
     s_values: set = field(default_factory=set)
     s_by_column: dict[str, set] = field(default_factory=lambda: defaultdict(set))
     conflicts: dict[str, str] = field(default_factory=dict)
-
-
-def gate_scale(run: dict[str, Any]) -> float | None:
-    """The run's sparsity.s (Eq. 10's surrogate scale, which also bounds tau's step: docs/small-scale.md)."""
-    return ((run.get("config") or {}).get("sparsity") or {}).get("s")
 
 
 def gather(runs: list[dict[str, Any]], extract: Extract, ts: bool) -> MethodData:
